@@ -1,0 +1,173 @@
+//! The `Backend` trait: device buffers and the mixer's kernels. The graph (`crate::graph`) drives
+//! every path through this trait only, so a backend that implements it runs every path.
+
+pub mod cpu;
+
+use crate::config::MixerConfig;
+use crate::error::{Error, Result};
+use crate::tensors::HostTensor;
+
+/// The device-side parameters of one mixer. Small per-channel tensors are widened to f32; the
+/// two projections keep the backend's own weight format (which may stay 16-bit).
+pub struct Params<B: Backend> {
+    pub cfg: MixerConfig,
+    pub in_proj: B::Weight,
+    pub in_proj_bias: Option<B::Buf>,
+    /// `(conv_dim, d_conv)`
+    pub conv_weight: B::Buf,
+    pub conv_bias: Option<B::Buf>,
+    pub dt_bias: B::Buf,
+    pub a_log: B::Buf,
+    pub d: B::Buf,
+    pub norm_weight: Option<B::Buf>,
+    pub out_proj: B::Weight,
+    pub out_proj_bias: Option<B::Buf>,
+}
+
+/// Packed sequences of one prefill pass, described on the host and mirrored on the device.
+/// Sequence `i` owns rows `cu[i]..cu[i+1]` and reads and writes state slot `slots[i]` (-1: starts
+/// from zero and writes nothing). Chunks never straddle two sequences: sequence `i` owns chunks
+/// `seq_chunks[i]..seq_chunks[i+1]`, and chunk `c` owns rows `chunk_rows[c]..chunk_rows[c+1]`.
+pub struct Pack<B: Backend> {
+    pub cu: Vec<i32>,
+    pub slots: Vec<i32>,
+    pub seq_chunks: Vec<i32>,
+    pub chunk_rows: Vec<i32>,
+    pub dev_cu: B::Idx,
+    pub dev_slots: B::Idx,
+    pub dev_seq_chunks: B::Idx,
+    pub dev_chunk_rows: B::Idx,
+}
+
+impl<B: Backend> Pack<B> {
+    pub fn rows(&self) -> usize {
+        self.cu.last().map_or(0, |&r| r as usize)
+    }
+
+    pub fn seqs(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn chunks(&self) -> usize {
+        self.chunk_rows.len() - 1
+    }
+}
+
+/// One token for each of several requests (decode): row `i` reads and writes slot `slots[i]`.
+pub struct Slots<B: Backend> {
+    pub slots: Vec<i32>,
+    pub dev: B::Idx,
+}
+
+/// Buffers and kernels. Row-major layouts throughout; `zxbcdt` is in_proj's output
+/// `(rows, d_in_proj)` = `z | xBC | dt`, `xbc` the conv's output `(rows, conv_dim)`, `y` the scan's
+/// output `(rows, d_inner)`. State pools hold one conv state `(conv_dim, d_conv)` or ssm state
+/// `(nheads, headdim, d_state)` per slot.
+pub trait Backend: Sized {
+    /// An f32 device buffer.
+    type Buf;
+    /// An i32 device buffer (metadata).
+    type Idx;
+    /// A matmul weight `(n, k)` in the backend's storage format.
+    type Weight;
+
+    fn name(&self) -> &'static str;
+
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    fn upload_idx(&self, data: &[i32]) -> Result<Self::Idx>;
+    fn upload_weight(&self, w: &HostTensor) -> Result<Self::Weight>;
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+
+    /// `out (rows, n) = x (rows, k) . w^T + bias`.
+    fn matmul(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        bias: Option<&Self::Buf>,
+        rows: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// Causal depthwise conv + SiLU over packed sequences: `xbc = silu(conv(xBC of zxbcdt))`,
+    /// each sequence continuing from its slot's conv state, whose final state is written back.
+    fn conv(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &Self::Buf,
+        pack: &Pack<Self>,
+        conv_pool: &mut Self::Buf,
+        xbc: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// One conv step per request: shift the slot's conv state by one column, append the new
+    /// xBC column and convolve.
+    fn conv_update(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &Self::Buf,
+        slots: &Slots<Self>,
+        conv_pool: &mut Self::Buf,
+        xbc: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// The SSD chunked scan over packed sequences, `y = ssm(x, dt, B, C) + D x`, each sequence
+    /// starting from its slot's ssm state, whose final state is written back.
+    fn ssd_scan(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &Self::Buf,
+        xbc: &Self::Buf,
+        pack: &Pack<Self>,
+        ssm_pool: &mut Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// One recurrence step per request on its slot's ssm state.
+    fn state_update(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &Self::Buf,
+        xbc: &Self::Buf,
+        slots: &Slots<Self>,
+        ssm_pool: &mut Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// The gate and the group-wise RMSNorm (in the configured order): `out (rows, d_inner)`.
+    fn gated_norm(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &Self::Buf,
+        y: &Self::Buf,
+        rows: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+}
+
+/// Which backend to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// The fastest available: CUDA, then wgpu, then the CPU.
+    Auto,
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+impl Kind {
+    /// Resolves `Auto` to a concrete backend and refuses one that is not in this build.
+    pub fn resolve(self) -> Result<Kind> {
+        match self {
+            Kind::Auto | Kind::Cpu => Ok(Kind::Cpu),
+            Kind::Wgpu => Err(Error::Backend {
+                backend: "wgpu",
+                msg: "not available in this build (only the cpu backend is built)".into(),
+            }),
+            Kind::Cuda => Err(Error::Backend {
+                backend: "cuda",
+                msg: "not available in this build (only the cpu backend is built)".into(),
+            }),
+        }
+    }
+}

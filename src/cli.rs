@@ -1,0 +1,258 @@
+//! The command line: thin wrappers that read files, call the graph and write files.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::{cpu::Cpu, Backend, Kind};
+use crate::config::MixerConfig;
+use crate::error::{Error, Result};
+use crate::graph::{forward_decode, forward_full, Input, Output};
+use crate::model::Mixer;
+use crate::tensors::{write_atomic, FloatType, Raw, TensorFile};
+use crate::weights::Weights;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mamba-mixer",
+    version,
+    about = "The Mamba-2 mixer (Megatron-LM MambaMixer)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the mixer over an input file and write the output and final states.
+    Forward(ForwardArgs),
+    /// Write Megatron-initialised weights for a config.
+    Init(InitArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    /// Mixer config (JSON, Megatron field names).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Weights (safetensors; f32, f16 or bf16).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Input: hidden_states f32 (L, B, d_model); optional cu_seqlens i32 (N+1), conv_state f32
+    /// (N, conv_dim, d_conv), ssm_state f32 (N, nheads, headdim, d_state).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output: output (L, B, d_model), conv_state and ssm_state (final states).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Name prefix of the mixer's tensors in the weights file, e.g. `backbone.layers.3.mixer.`.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Kind,
+    /// `full` (chunked scan over whole sequences) or `decode` (one token per step).
+    #[arg(long, default_value = "full")]
+    pub path: PathKind,
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Storage type of the written tensors: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = FloatType::parse)]
+    pub dtype: FloatType,
+    /// Name prefix of the written tensors.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+}
+
+/// Which execution path `forward` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    Full,
+    Decode,
+}
+
+impl FromStr for PathKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "full" => Ok(PathKind::Full),
+            "decode" => Ok(PathKind::Decode),
+            _ => Err(format!("expected full or decode, got {s:?}")),
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<String> {
+    match cli.command {
+        Command::Forward(a) => forward(&a),
+        Command::Init(a) => init(&a),
+    }
+}
+
+pub fn read_config(path: &Path) -> Result<MixerConfig> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    MixerConfig::from_json(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+}
+
+fn init(a: &InitArgs) -> Result<String> {
+    let cfg = read_config(&a.config)?;
+    Weights::init(&cfg, a.seed)?
+        .cast(a.dtype)
+        .save(&a.output, &a.prefix)?;
+    Ok(format!("wrote {}", a.output.display()))
+}
+
+/// The tensors of a `forward` input file, checked against the config.
+struct InputFile {
+    hidden: Vec<f32>,
+    seq_len: usize,
+    batch: usize,
+    cu_seqlens: Option<Vec<i32>>,
+    conv_state: Option<Vec<f32>>,
+    ssm_state: Option<Vec<f32>>,
+}
+
+const INPUT_NAMES: [&str; 4] = ["hidden_states", "cu_seqlens", "conv_state", "ssm_state"];
+
+impl InputFile {
+    fn read(path: &Path, cfg: &MixerConfig) -> Result<Self> {
+        let file = TensorFile::read(path)?;
+        let at = || path.display();
+        if let Some(extra) = file
+            .names()
+            .into_iter()
+            .find(|n| !INPUT_NAMES.contains(&n.as_str()))
+        {
+            return Err(Error::tensor(
+                extra,
+                format!("unexpected in {} (an input holds {INPUT_NAMES:?})", at()),
+            ));
+        }
+        let shape = file
+            .shape("hidden_states")
+            .ok_or_else(|| Error::tensor("hidden_states", format!("missing from {}", at())))?;
+        let [l, b, d] = shape[..] else {
+            return Err(Error::tensor(
+                "hidden_states",
+                format!(
+                    "in {}: expected shape (L, B, {}), got {shape:?}",
+                    at(),
+                    cfg.d_model
+                ),
+            ));
+        };
+        if d != cfg.d_model {
+            return Err(Error::tensor(
+                "hidden_states",
+                format!(
+                    "in {}: expected shape (L, B, d_model={}), got {shape:?}",
+                    at(),
+                    cfg.d_model
+                ),
+            ));
+        }
+        let hidden = file.f32_exact("hidden_states", &shape)?.unwrap_or_default();
+        let cu_seqlens = file.i32_vector("cu_seqlens")?;
+        if let Some(cu) = &cu_seqlens {
+            crate::graph::check_cu_seqlens(cu, l, b)?;
+        }
+        let n = cu_seqlens.as_ref().map_or(b, |cu| cu.len() - 1);
+        let (conv, ssm) = cfg.state_shapes_per_request();
+        let with_n = |s: &[usize]| [&[n], s].concat();
+        Ok(InputFile {
+            hidden,
+            seq_len: l,
+            batch: b,
+            conv_state: file.f32_exact("conv_state", &with_n(&conv))?,
+            ssm_state: file.f32_exact("ssm_state", &with_n(&ssm))?,
+            cu_seqlens,
+        })
+    }
+
+    fn as_input(&self) -> Input<'_> {
+        Input {
+            hidden: &self.hidden,
+            seq_len: self.seq_len,
+            batch: self.batch,
+            cu_seqlens: self.cu_seqlens.as_deref(),
+            conv_state: self.conv_state.as_deref(),
+            ssm_state: self.ssm_state.as_deref(),
+        }
+    }
+
+    fn sequences(&self) -> usize {
+        self.cu_seqlens
+            .as_ref()
+            .map_or(self.batch, |cu| cu.len() - 1)
+    }
+}
+
+fn forward(a: &ForwardArgs) -> Result<String> {
+    let cfg = read_config(&a.config)?;
+    let kind = a.backend.resolve()?;
+    let weights = Weights::load(&a.weights, &cfg, &a.prefix)?;
+    let input = InputFile::read(&a.input, &cfg)?;
+    let out = match kind {
+        Kind::Cpu => run_path(Cpu, &cfg, &weights, &input, a.path)?,
+        other => return Err(Error::invalid(format!("backend {other:?} is not built"))),
+    };
+    let n = input.sequences();
+    let (conv, ssm) = cfg.state_shapes_per_request();
+    let tensors = [
+        (
+            "output".to_string(),
+            Raw::f32(&[input.seq_len, input.batch, cfg.d_model], &out.output),
+        ),
+        (
+            "conv_state".to_string(),
+            Raw::f32(&[&[n], &conv[..]].concat(), &out.conv_state),
+        ),
+        (
+            "ssm_state".to_string(),
+            Raw::f32(&[&[n], &ssm[..]].concat(), &out.ssm_state),
+        ),
+    ];
+    write_atomic(&a.output, &tensors, None)?;
+    Ok(format!(
+        "wrote {} (backend {}, path {:?}, {} tokens in {n} sequences)",
+        a.output.display(),
+        kind_name(kind),
+        a.path,
+        input.seq_len * input.batch
+    ))
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Auto => "auto",
+        Kind::Cpu => Cpu.name(),
+        Kind::Wgpu => "wgpu",
+        Kind::Cuda => "cuda",
+    }
+}
+
+fn run_path<B: Backend>(
+    backend: B,
+    cfg: &MixerConfig,
+    w: &Weights,
+    input: &InputFile,
+    path: PathKind,
+) -> Result<Output> {
+    let m = Mixer::new(backend, cfg, w)?;
+    match path {
+        PathKind::Full => forward_full(&m, &input.as_input()),
+        PathKind::Decode => forward_decode(&m, &input.as_input()),
+    }
+}
