@@ -80,6 +80,15 @@ pub enum PathKind {
     Decode,
 }
 
+impl std::fmt::Display for PathKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PathKind::Full => "full",
+            PathKind::Decode => "decode",
+        })
+    }
+}
+
 impl FromStr for PathKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
@@ -103,7 +112,10 @@ pub fn read_config(path: &Path) -> Result<MixerConfig> {
         path: path.to_owned(),
         source,
     })?;
-    MixerConfig::from_json(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    MixerConfig::from_json(&text).map_err(|e| match e {
+        Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+        other => other,
+    })
 }
 
 fn init(a: &InitArgs) -> Result<String> {
@@ -226,7 +238,7 @@ fn forward(a: &ForwardArgs) -> Result<String> {
     ];
     write_atomic(&a.output, &tensors, None)?;
     Ok(format!(
-        "wrote {} (backend {}, path {:?}, {} tokens in {n} sequences)",
+        "wrote {} (backend {}, path {}, {} tokens in {n} sequences)",
         a.output.display(),
         kind_name(kind),
         a.path,

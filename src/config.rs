@@ -137,8 +137,17 @@ impl MixerConfig {
 
     /// Parses and validates a JSON configuration.
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: MixerConfig =
-            serde_json::from_str(text).map_err(|e| Error::config(e.to_string()))?;
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let cfg: MixerConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            // Name the field whose value is wrong, not only the line and column.
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || inner.is_syntax() || inner.is_eof() {
+                Error::config(inner.to_string())
+            } else {
+                Error::config(format!("{path}: {inner}"))
+            }
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
