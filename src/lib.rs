@@ -17,3 +17,7 @@ pub use error::{Error, Result};
 pub use graph::{forward_decode, forward_full, Input, Output};
 pub use model::Mixer;
 pub use weights::Weights;
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+struct ReadmeDoctests;

@@ -17,7 +17,9 @@ fn bin() -> Command {
 }
 
 fn example(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/tiny")
+        .join(name)
 }
 
 struct Run {
@@ -63,7 +65,10 @@ fn read_out(path: &Path) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (get("output"), get("conv_state"), get("ssm_state"))
 }
 
-fn example_input() -> (Vec<f32>, Vec<usize>, Option<Vec<i32>>, Vec<f32>, Vec<f32>) {
+/// hidden_states, its shape, cu_seqlens, conv_state and ssm_state of the bundled example.
+type ExampleInput = (Vec<f32>, Vec<usize>, Option<Vec<i32>>, Vec<f32>, Vec<f32>);
+
+fn example_input() -> ExampleInput {
     let f = TensorFile::read(&example("input.safetensors")).unwrap();
     let get = |n: &str| f.f32_exact(n, &f.shape(n).unwrap()).unwrap().unwrap();
     (
@@ -97,8 +102,17 @@ fn forward_on_the_example_matches_float64_on_both_paths_and_every_prefix_and_dty
     ] {
         let w_path = dir.path().join(format!("w_{dtype}.safetensors"));
         let r = run(&[
-            "init", "--config", s(&cfg_path), "--seed", "11", "--dtype", dtype, "--prefix", prefix,
-            "--output", s(&w_path),
+            "init",
+            "--config",
+            s(&cfg_path),
+            "--seed",
+            "11",
+            "--dtype",
+            dtype,
+            "--prefix",
+            prefix,
+            "--output",
+            s(&w_path),
         ]);
         assert!(r.ok, "init failed: {}", r.stderr);
         let w = Weights::load(&w_path, &cfg, prefix).unwrap();
@@ -128,9 +142,19 @@ fn forward_on_the_example_matches_float64_on_both_paths_and_every_prefix_and_dty
 fn init_is_reproducible_and_seeded() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = example("config.json");
-    let paths: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("w{i}.safetensors"))).collect();
+    let paths: Vec<PathBuf> = (0..3)
+        .map(|i| dir.path().join(format!("w{i}.safetensors")))
+        .collect();
     for (p, seed) in paths.iter().zip(["5", "5", "6"]) {
-        let r = run(&["init", "--config", s(&cfg), "--seed", seed, "--output", s(p)]);
+        let r = run(&[
+            "init",
+            "--config",
+            s(&cfg),
+            "--seed",
+            seed,
+            "--output",
+            s(p),
+        ]);
         assert!(r.ok, "{}", r.stderr);
     }
     let bytes: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
@@ -151,7 +175,9 @@ struct Setup {
 impl Setup {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let cfg_value = MixerConfig::from_json(&std::fs::read_to_string(example("config.json")).unwrap()).unwrap();
+        let cfg_value =
+            MixerConfig::from_json(&std::fs::read_to_string(example("config.json")).unwrap())
+                .unwrap();
         Setup {
             cfg: example("config.json"),
             weights: example("weights.safetensors"),
@@ -176,7 +202,10 @@ impl Setup {
 
     fn tensors(&self, name: &str, tensors: Vec<(&str, Raw)>) -> PathBuf {
         let p = self.fresh(name);
-        let t: Vec<(String, Raw)> = tensors.into_iter().map(|(n, r)| (n.to_string(), r)).collect();
+        let t: Vec<(String, Raw)> = tensors
+            .into_iter()
+            .map(|(n, r)| (n.to_string(), r))
+            .collect();
         write_atomic(&p, &t, None).unwrap();
         p
     }
@@ -199,7 +228,10 @@ impl Setup {
     /// An input of `l` tokens with the given extra tensors.
     fn input_with(&self, hidden_shape: &[usize], extra: Vec<(&str, Raw)>) -> PathBuf {
         let n: usize = hidden_shape.iter().product();
-        let mut t = vec![("hidden_states", Raw::f32(hidden_shape, &randn(&mut rng(1), n, 1.0)))];
+        let mut t = vec![(
+            "hidden_states",
+            Raw::f32(hidden_shape, &randn(&mut rng(1), n, 1.0)),
+        )];
         t.extend(extra);
         self.tensors("bad_input.safetensors", t)
     }
@@ -211,19 +243,41 @@ impl Setup {
 
 /// Runs `forward` and checks the failure contract: exit code 1, every fragment in the message,
 /// no output file and no temporary file left in the output folder.
-fn expect_failure(label: &str, st: &Setup, cfg: &Path, weights: &Path, input: &Path, extra: &[&str], fragments: &[&str]) {
-    let out_dir = st.dir.path().join(format!("out_{}", label.replace(' ', "_")));
+fn expect_failure(
+    label: &str,
+    st: &Setup,
+    cfg: &Path,
+    weights: &Path,
+    input: &Path,
+    extra: &[&str],
+    fragments: &[&str],
+) {
+    let out_dir = st
+        .dir
+        .path()
+        .join(format!("out_{}", label.replace(' ', "_")));
     std::fs::create_dir_all(&out_dir).unwrap();
     let (r, out) = forward(&out_dir, cfg, weights, input, extra);
     assert!(!r.ok, "{label}: forward succeeded on bad input");
     assert_eq!(r.code, Some(1), "{label}: exit code (stderr: {})", r.stderr);
-    assert!(!r.stderr.contains("panicked"), "{label}: panicked: {}", r.stderr);
+    assert!(
+        !r.stderr.contains("panicked"),
+        "{label}: panicked: {}",
+        r.stderr
+    );
     for f in fragments {
-        assert!(r.stderr.contains(f), "{label}: message {:?} lacks {f:?}", r.stderr.trim());
+        assert!(
+            r.stderr.contains(f),
+            "{label}: message {:?} lacks {f:?}",
+            r.stderr.trim()
+        );
     }
     assert!(!out.exists(), "{label}: an output file was left behind");
     let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
-    assert!(left.is_empty(), "{label}: files left in the output folder: {left:?}");
+    assert!(
+        left.is_empty(),
+        "{label}: files left in the output folder: {left:?}"
+    );
 }
 
 #[test]
@@ -233,45 +287,110 @@ fn bad_weights_files_are_refused_with_the_tensor_named() {
     let truncated = st.file("truncated.safetensors", &good[..good.len() / 2]);
     let text = st.file("text.safetensors", b"this is not a safetensors file at all");
     let cases: Vec<(&str, PathBuf, Vec<&str>)> = vec![
-        ("truncated", truncated.clone(), vec!["truncated.safetensors", "not a valid safetensors"]),
-        ("not safetensors", text.clone(), vec!["text.safetensors", "not a valid safetensors"]),
-        ("missing tensor", st.weights_with("D", None), vec!["`D`", "missing", "[8]"]),
+        (
+            "truncated",
+            truncated.clone(),
+            vec!["truncated.safetensors", "not a valid safetensors"],
+        ),
+        (
+            "not safetensors",
+            text.clone(),
+            vec!["text.safetensors", "not a valid safetensors"],
+        ),
+        (
+            "missing tensor",
+            st.weights_with("D", None),
+            vec!["`D`", "missing", "[8]"],
+        ),
         (
             "wrong shape",
             st.weights_with("in_proj.weight", Some(Raw::f32(&[10, 64], &[0.5; 640]))),
             vec!["in_proj.weight", "expected shape [328, 64]", "got [10, 64]"],
         ),
-        ("wrong dtype", st.weights_with("A_log", Some(Raw::i32(&[1; 8]))), vec!["A_log", "I32"]),
+        (
+            "wrong dtype",
+            st.weights_with("A_log", Some(Raw::i32(&[1; 8]))),
+            vec!["A_log", "I32"],
+        ),
         (
             "unused tensor",
             st.weights_with("in_proj.bias", Some(Raw::f32(&[328], &[0.1; 328]))),
             vec!["in_proj.bias", "does not use"],
         ),
-        ("missing file", st.dir.path().join("nope.safetensors"), vec!["nope.safetensors"]),
+        (
+            "missing file",
+            st.dir.path().join("nope.safetensors"),
+            vec!["nope.safetensors"],
+        ),
     ];
     for (label, w, frags) in cases {
         expect_failure(label, &st, &st.cfg, &w, &st.input, &[], &frags);
     }
-    expect_failure("wrong prefix", &st, &st.cfg, &st.weights, &st.input, &["--prefix", "backbone.layers.0.mixer."], &[
-        "backbone.layers.0.mixer.in_proj.weight",
-        "missing",
-    ]);
+    expect_failure(
+        "wrong prefix",
+        &st,
+        &st.cfg,
+        &st.weights,
+        &st.input,
+        &["--prefix", "backbone.layers.0.mixer."],
+        &["backbone.layers.0.mixer.in_proj.weight", "missing"],
+    );
 }
 
 #[test]
 fn bad_configs_are_refused_with_the_field_named() {
     let st = Setup::new();
     let cases: Vec<(&str, &str, Vec<&str>)> = vec![
-        ("not json", "d_model = 64", vec!["bad_config.json", "config"]),
-        ("unknown field", r#"{"d_model": 64, "d_modle": 3}"#, vec!["unknown field `d_modle`"]),
-        ("missing d_model", r#"{"d_state": 16}"#, vec!["missing field `d_model`"]),
-        ("headdim", r#"{"d_model": 64, "headdim": 48}"#, vec!["headdim 48", "d_inner"]),
-        ("ngroups", r#"{"d_model": 64, "headdim": 16, "ngroups": 3}"#, vec!["ngroups 3", "nheads"]),
-        ("chunk", r#"{"d_model": 64, "headdim": 16, "ngroups": 2, "chunk_size": 100}"#, vec!["chunk_size", "power of two"]),
-        ("zero", r#"{"d_model": 0}"#, vec!["d_model must be positive"]),
-        ("A range", r#"{"d_model": 64, "headdim": 16, "ngroups": 2, "A_init_range": [0, 16]}"#, vec!["A_init_range"]),
-        ("dt_limit", r#"{"d_model": 64, "headdim": 16, "ngroups": 2, "dt_limit": [0.1, 0.01]}"#, vec!["dt_limit"]),
-        ("wrong type", r#"{"d_model": 64, "headdim": 16, "ngroups": 2, "rmsnorm": "yes"}"#, vec!["rmsnorm: invalid type"]),
+        (
+            "not json",
+            "d_model = 64",
+            vec!["bad_config.json", "config"],
+        ),
+        (
+            "unknown field",
+            r#"{"d_model": 64, "d_modle": 3}"#,
+            vec!["unknown field `d_modle`"],
+        ),
+        (
+            "missing d_model",
+            r#"{"d_state": 16}"#,
+            vec!["missing field `d_model`"],
+        ),
+        (
+            "headdim",
+            r#"{"d_model": 64, "headdim": 48}"#,
+            vec!["headdim 48", "d_inner"],
+        ),
+        (
+            "ngroups",
+            r#"{"d_model": 64, "headdim": 16, "ngroups": 3}"#,
+            vec!["ngroups 3", "nheads"],
+        ),
+        (
+            "chunk",
+            r#"{"d_model": 64, "headdim": 16, "ngroups": 2, "chunk_size": 100}"#,
+            vec!["chunk_size", "power of two"],
+        ),
+        (
+            "zero",
+            r#"{"d_model": 0}"#,
+            vec!["d_model must be positive"],
+        ),
+        (
+            "A range",
+            r#"{"d_model": 64, "headdim": 16, "ngroups": 2, "A_init_range": [0, 16]}"#,
+            vec!["A_init_range"],
+        ),
+        (
+            "dt_limit",
+            r#"{"d_model": 64, "headdim": 16, "ngroups": 2, "dt_limit": [0.1, 0.01]}"#,
+            vec!["dt_limit"],
+        ),
+        (
+            "wrong type",
+            r#"{"d_model": 64, "headdim": 16, "ngroups": 2, "rmsnorm": "yes"}"#,
+            vec!["rmsnorm: invalid type"],
+        ),
     ];
     for (label, text, frags) in cases {
         let cfg = st.config(text);
@@ -279,7 +398,15 @@ fn bad_configs_are_refused_with_the_field_named() {
     }
     // A valid config that disagrees with the checkpoint names the tensor whose shape is off.
     let other = st.config(r#"{"d_model": 64, "d_state": 16, "headdim": 16, "ngroups": 4}"#);
-    expect_failure("config vs weights", &st, &other, &st.weights, &st.input, &[], &["in_proj.weight", "expected shape"]);
+    expect_failure(
+        "config vs weights",
+        &st,
+        &other,
+        &st.weights,
+        &st.input,
+        &[],
+        &["in_proj.weight", "expected shape"],
+    );
 }
 
 #[test]
@@ -290,36 +417,87 @@ fn bad_inputs_are_refused_with_the_tensor_named() {
     let ssm = [c.nheads(), c.headdim, c.d_state];
     let zeros = |n: usize| vec![0.25f32; n];
     let cases: Vec<(&str, PathBuf, Vec<&str>)> = vec![
-        ("width", st.input_with(&[5, 2, 63], vec![]), vec!["hidden_states", "d_model=64", "[5, 2, 63]"]),
-        ("rank", st.input_with(&[5, 64], vec![]), vec!["hidden_states", "[5, 64]"]),
+        (
+            "width",
+            st.input_with(&[5, 2, 63], vec![]),
+            vec!["hidden_states", "d_model=64", "[5, 2, 63]"],
+        ),
+        (
+            "rank",
+            st.input_with(&[5, 64], vec![]),
+            vec!["hidden_states", "[5, 64]"],
+        ),
         (
             "hidden dtype",
             st.tensors(
                 "h16.safetensors",
-                vec![("hidden_states", Raw::from(&HostTensor::f32(vec![1, 1, 64], vec![0.5; 64]).cast(FloatType::F16)))],
+                vec![(
+                    "hidden_states",
+                    Raw::from(&HostTensor::f32(vec![1, 1, 64], vec![0.5; 64]).cast(FloatType::F16)),
+                )],
             ),
             vec!["hidden_states", "expected dtype F32, got F16"],
         ),
-        ("no hidden", st.tensors("none.safetensors", vec![("cu_seqlens", Raw::i32(&[0, 1]))]), vec!["hidden_states", "missing"]),
+        (
+            "no hidden",
+            st.tensors("none.safetensors", vec![("cu_seqlens", Raw::i32(&[0, 1]))]),
+            vec!["hidden_states", "missing"],
+        ),
         (
             "unexpected tensor",
-            st.input_with(&[3, 1, 64], vec![("conv_states", Raw::f32(&[1, cd, dc], &zeros(cd * dc)))]),
+            st.input_with(
+                &[3, 1, 64],
+                vec![("conv_states", Raw::f32(&[1, cd, dc], &zeros(cd * dc)))],
+            ),
             vec!["conv_states", "unexpected"],
         ),
-        ("cu start", st.input_with(&[6, 1, 64], vec![("cu_seqlens", Raw::i32(&[1, 6]))]), vec!["cu_seqlens", "start at 0"]),
-        ("cu order", st.input_with(&[6, 1, 64], vec![("cu_seqlens", Raw::i32(&[0, 4, 2, 6]))]), vec!["cu_seqlens", "non-decreasing"]),
-        ("cu end", st.input_with(&[6, 1, 64], vec![("cu_seqlens", Raw::i32(&[0, 2, 5]))]), vec!["cu_seqlens", "end at L = 6", "got 5"]),
-        ("cu batch", st.input_with(&[3, 2, 64], vec![("cu_seqlens", Raw::i32(&[0, 3]))]), vec!["cu_seqlens", "batch 1", "got batch 2"]),
-        ("cu short", st.input_with(&[3, 1, 64], vec![("cu_seqlens", Raw::i32(&[0]))]), vec!["cu_seqlens", "at least 2"]),
+        (
+            "cu start",
+            st.input_with(&[6, 1, 64], vec![("cu_seqlens", Raw::i32(&[1, 6]))]),
+            vec!["cu_seqlens", "start at 0"],
+        ),
+        (
+            "cu order",
+            st.input_with(&[6, 1, 64], vec![("cu_seqlens", Raw::i32(&[0, 4, 2, 6]))]),
+            vec!["cu_seqlens", "non-decreasing"],
+        ),
+        (
+            "cu end",
+            st.input_with(&[6, 1, 64], vec![("cu_seqlens", Raw::i32(&[0, 2, 5]))]),
+            vec!["cu_seqlens", "end at L = 6", "got 5"],
+        ),
+        (
+            "cu batch",
+            st.input_with(&[3, 2, 64], vec![("cu_seqlens", Raw::i32(&[0, 3]))]),
+            vec!["cu_seqlens", "batch 1", "got batch 2"],
+        ),
+        (
+            "cu short",
+            st.input_with(&[3, 1, 64], vec![("cu_seqlens", Raw::i32(&[0]))]),
+            vec!["cu_seqlens", "at least 2"],
+        ),
         (
             "cu dtype",
-            st.input_with(&[3, 1, 64], vec![("cu_seqlens", Raw::f32(&[2], &[0.0, 3.0]))]),
+            st.input_with(
+                &[3, 1, 64],
+                vec![("cu_seqlens", Raw::f32(&[2], &[0.0, 3.0]))],
+            ),
             vec!["cu_seqlens", "I32"],
         ),
         (
             "conv shape",
-            st.input_with(&[3, 2, 64], vec![("conv_state", Raw::f32(&[2, cd, dc - 1], &zeros(2 * cd * (dc - 1))))]),
-            vec!["conv_state", "expected shape [2, 192, 4]", "got [2, 192, 3]"],
+            st.input_with(
+                &[3, 2, 64],
+                vec![(
+                    "conv_state",
+                    Raw::f32(&[2, cd, dc - 1], &zeros(2 * cd * (dc - 1))),
+                )],
+            ),
+            vec![
+                "conv_state",
+                "expected shape [2, 192, 4]",
+                "got [2, 192, 3]",
+            ],
         ),
         (
             "ssm count",
@@ -327,12 +505,23 @@ fn bad_inputs_are_refused_with_the_tensor_named() {
                 &[6, 1, 64],
                 vec![
                     ("cu_seqlens", Raw::i32(&[0, 2, 6])),
-                    ("ssm_state", Raw::f32(&[3, ssm[0], ssm[1], ssm[2]], &zeros(3 * c.ssm_state_len()))),
+                    (
+                        "ssm_state",
+                        Raw::f32(&[3, ssm[0], ssm[1], ssm[2]], &zeros(3 * c.ssm_state_len())),
+                    ),
                 ],
             ),
-            vec!["ssm_state", "expected shape [2, 8, 16, 16]", "got [3, 8, 16, 16]"],
+            vec![
+                "ssm_state",
+                "expected shape [2, 8, 16, 16]",
+                "got [3, 8, 16, 16]",
+            ],
         ),
-        ("input not safetensors", st.file("in.txt", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"), vec!["in.txt", "not a valid safetensors"]),
+        (
+            "input not safetensors",
+            st.file("in.txt", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
+            vec!["in.txt", "not a valid safetensors"],
+        ),
     ];
     for (label, input, frags) in cases {
         expect_failure(label, &st, &st.cfg, &st.weights, &input, &[], &frags);
@@ -343,17 +532,38 @@ fn bad_inputs_are_refused_with_the_tensor_named() {
 fn unavailable_backends_and_unwritable_outputs_are_clear_errors() {
     let st = Setup::new();
     for backend in ["wgpu", "cuda"] {
-        expect_failure(backend, &st, &st.cfg, &st.weights, &st.input, &["--backend", backend], &[backend, "not available"]);
+        expect_failure(
+            backend,
+            &st,
+            &st.cfg,
+            &st.weights,
+            &st.input,
+            &["--backend", backend],
+            &[backend, "not available"],
+        );
     }
     let missing_dir = st.dir.path().join("no/such/dir/out.safetensors");
     let r = run(&[
-        "forward", "--config", s(&st.cfg), "--weights", s(&st.weights), "--input", s(&st.input),
-        "--output", s(&missing_dir),
+        "forward",
+        "--config",
+        s(&st.cfg),
+        "--weights",
+        s(&st.weights),
+        "--input",
+        s(&st.input),
+        "--output",
+        s(&missing_dir),
     ]);
     assert!(!r.ok && r.code == Some(1), "{}", r.stderr);
     assert!(r.stderr.contains("no/such/dir"), "{}", r.stderr);
     // A malformed flag is a usage error (clap's exit code 2).
-    let (r, out) = forward(st.dir.path(), &st.cfg, &st.weights, &st.input, &["--path", "sideways"]);
+    let (r, out) = forward(
+        st.dir.path(),
+        &st.cfg,
+        &st.weights,
+        &st.input,
+        &["--path", "sideways"],
+    );
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(r.stderr.contains("sideways") && !out.exists());
 }
@@ -365,7 +575,13 @@ fn example_output_full_equals_decode_through_the_cli() {
     for path in ["full", "decode"] {
         let sub = dir.path().join(path);
         std::fs::create_dir(&sub).unwrap();
-        let (r, out) = forward(&sub, &example("config.json"), &example("weights.safetensors"), &example("input.safetensors"), &["--path", path]);
+        let (r, out) = forward(
+            &sub,
+            &example("config.json"),
+            &example("weights.safetensors"),
+            &example("input.safetensors"),
+            &["--path", path],
+        );
         assert!(r.ok, "{}", r.stderr);
         outs.push(read_out(&out));
     }
