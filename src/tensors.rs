@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use safetensors::tensor::Metadata;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
@@ -114,10 +115,20 @@ impl HostTensor {
     }
 }
 
-/// A safetensors file read into memory and parsed once.
+/// A safetensors file read into memory, its header parsed and checked once.
 pub struct TensorFile {
     path: PathBuf,
     bytes: Vec<u8>,
+    /// Where the data section starts (after the length and the JSON header).
+    data_start: usize,
+    meta: Metadata,
+}
+
+/// One tensor of a file: its dtype, shape and raw little-endian bytes.
+struct View<'a> {
+    dtype: Dtype,
+    shape: &'a [usize],
+    data: &'a [u8],
 }
 
 impl TensorFile {
@@ -131,13 +142,18 @@ impl TensorFile {
 
     /// `path` only labels errors.
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
-        SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
+        let format = |e: safetensors::SafeTensorError| Error::Format {
             path: path.to_owned(),
             msg: e.to_string(),
-        })?;
+        };
+        // `deserialize` checks every tensor's extent against the buffer; the owned header is kept.
+        SafeTensors::deserialize(&bytes).map_err(format)?;
+        let (header_len, meta) = SafeTensors::read_metadata(&bytes).map_err(format)?;
         Ok(TensorFile {
             path: path.to_owned(),
+            data_start: 8 + header_len,
             bytes,
+            meta,
         })
     }
 
@@ -145,30 +161,23 @@ impl TensorFile {
         &self.path
     }
 
-    fn parsed(&self) -> SafeTensors<'_> {
-        // Parsing succeeded in `from_bytes`; the bytes have not changed since.
-        match SafeTensors::deserialize(&self.bytes) {
-            Ok(st) => st,
-            Err(_) => unreachable!("validated at construction"),
-        }
-    }
-
     pub fn names(&self) -> Vec<String> {
-        self.parsed()
-            .names()
-            .into_iter()
-            .map(str::to_owned)
-            .collect()
+        self.meta.tensors().into_keys().collect()
     }
 
     /// The file's `__metadata__` entry `key`, if any.
     pub fn metadata(&self, key: &str) -> Option<String> {
-        let (_, meta) = SafeTensors::read_metadata(&self.bytes).ok()?;
-        meta.metadata().as_ref()?.get(key).cloned()
+        self.meta.metadata().as_ref()?.get(key).cloned()
     }
 
-    fn view(&self, name: &str) -> Option<TensorView<'_>> {
-        self.parsed().tensor(name).ok()
+    fn view(&self, name: &str) -> Option<View<'_>> {
+        let info = self.meta.info(name)?;
+        let (begin, end) = info.data_offsets;
+        Some(View {
+            dtype: info.dtype,
+            shape: &info.shape,
+            data: &self.bytes[self.data_start + begin..self.data_start + end],
+        })
     }
 
     /// A float tensor (f32, f16 or bf16), or None when absent.
@@ -176,8 +185,8 @@ impl TensorFile {
         let Some(view) = self.view(name) else {
             return Ok(None);
         };
-        let raw = view.data();
-        let data = match view.dtype() {
+        let raw = view.data;
+        let data = match view.dtype {
             Dtype::F32 => Data::F32(bytemuck::pod_collect_to_vec(raw)),
             Dtype::F16 => Data::F16(bytemuck::pod_collect_to_vec(raw)),
             Dtype::BF16 => Data::Bf16(bytemuck::pod_collect_to_vec(raw)),
@@ -192,7 +201,7 @@ impl TensorFile {
             }
         };
         Ok(Some(HostTensor {
-            shape: view.shape().to_vec(),
+            shape: view.shape.to_vec(),
             data,
         }))
     }
@@ -202,29 +211,32 @@ impl TensorFile {
         let Some(view) = self.view(name) else {
             return Ok(None);
         };
-        if view.dtype() != Dtype::F32 {
+        if view.dtype != Dtype::F32 {
             return Err(Error::tensor(
                 name,
                 format!(
                     "in {}: expected dtype F32, got {:?}",
                     self.path.display(),
-                    view.dtype()
+                    view.dtype
                 ),
             ));
         }
-        if view.shape() != shape {
-            return Err(Error::shape(
-                format!("{name}` in `{}", self.path.display()),
-                shape,
-                view.shape(),
+        if view.shape != shape {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "in {}: expected shape {shape:?}, got {:?}",
+                    self.path.display(),
+                    view.shape
+                ),
             ));
         }
-        Ok(Some(bytemuck::pod_collect_to_vec(view.data())))
+        Ok(Some(bytemuck::pod_collect_to_vec(view.data)))
     }
 
     /// The shape of a tensor, if present.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.view(name).map(|v| v.shape().to_vec())
+        self.view(name).map(|v| v.shape.to_vec())
     }
 
     /// A 1-D int32 tensor, or None when absent.
@@ -232,18 +244,18 @@ impl TensorFile {
         let Some(view) = self.view(name) else {
             return Ok(None);
         };
-        if view.dtype() != Dtype::I32 || view.shape().len() != 1 {
+        if view.dtype != Dtype::I32 || view.shape.len() != 1 {
             return Err(Error::tensor(
                 name,
                 format!(
                     "in {}: expected a 1-D I32 tensor, got {:?} of shape {:?}",
                     self.path.display(),
-                    view.dtype(),
-                    view.shape()
+                    view.dtype,
+                    view.shape
                 ),
             ));
         }
-        Ok(Some(bytemuck::pod_collect_to_vec(view.data())))
+        Ok(Some(bytemuck::pod_collect_to_vec(view.data)))
     }
 }
 
