@@ -1,14 +1,13 @@
 //! The command line: thin wrappers that read files, call the graph and write files.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{cpu::Cpu, Backend, Kind};
 use crate::config::MixerConfig;
 use crate::error::{Error, Result};
-use crate::graph::{forward_decode, forward_full, Input, Output};
+use crate::graph::{forward as run_forward, Input, Output, Path as ExecPath};
 use crate::model::Mixer;
 use crate::tensors::{write_atomic, FloatType, Raw, TensorFile};
 use crate::weights::Weights;
@@ -52,9 +51,10 @@ pub struct ForwardArgs {
     pub prefix: String,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Kind,
-    /// `full` (chunked scan over whole sequences) or `decode` (one token per step).
+    /// `full` (whole sequences, chunked scan), `decode` (one token per step), `chunked=N`
+    /// (prefill in pieces of N tokens) or `spec=K` (decode in groups of 1+K tokens, all accepted).
     #[arg(long, default_value = "full")]
-    pub path: PathKind,
+    pub path: ExecPath,
 }
 
 #[derive(Args, Debug)]
@@ -71,33 +71,6 @@ pub struct InitArgs {
     /// Name prefix of the written tensors.
     #[arg(long, default_value = "")]
     pub prefix: String,
-}
-
-/// Which execution path `forward` takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathKind {
-    Full,
-    Decode,
-}
-
-impl std::fmt::Display for PathKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            PathKind::Full => "full",
-            PathKind::Decode => "decode",
-        })
-    }
-}
-
-impl FromStr for PathKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "full" => Ok(PathKind::Full),
-            "decode" => Ok(PathKind::Decode),
-            _ => Err(format!("expected full or decode, got {s:?}")),
-        }
-    }
 }
 
 pub fn run(cli: Cli) -> Result<String> {
@@ -260,11 +233,8 @@ fn run_path<B: Backend>(
     cfg: &MixerConfig,
     w: &Weights,
     input: &InputFile,
-    path: PathKind,
+    path: ExecPath,
 ) -> Result<Output> {
     let m = Mixer::new(backend, cfg, w)?;
-    match path {
-        PathKind::Full => forward_full(&m, &input.as_input()),
-        PathKind::Decode => forward_decode(&m, &input.as_input()),
-    }
+    run_forward(&m, &input.as_input(), path)
 }

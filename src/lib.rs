@@ -14,7 +14,7 @@ pub mod weights;
 pub use backend::{cpu::Cpu, Backend};
 pub use config::MixerConfig;
 pub use error::{Error, Result};
-pub use graph::{forward_decode, forward_full, Input, Output};
+pub use graph::{forward, Engine, EngineConfig, Input, Output, Path, Request, RequestOutput, Work};
 pub use model::Mixer;
 pub use weights::Weights;
 

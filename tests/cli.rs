@@ -117,7 +117,7 @@ fn forward_on_the_example_matches_float64_on_both_paths_and_every_prefix_and_dty
         assert!(r.ok, "init failed: {}", r.stderr);
         let w = Weights::load(&w_path, &cfg, prefix).unwrap();
         let want = oracle(&cfg, &w, &input);
-        for path in ["full", "decode"] {
+        for path in ["full", "decode", "chunked=5", "spec=2"] {
             let (r, out) = forward(
                 dir.path(),
                 &cfg_path,
@@ -569,10 +569,19 @@ fn unavailable_backends_and_unwritable_outputs_are_clear_errors() {
 }
 
 #[test]
-fn example_output_full_equals_decode_through_the_cli() {
+fn example_output_is_the_same_on_every_path_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let mut outs = vec![];
-    for path in ["full", "decode"] {
+    let paths = [
+        "full",
+        "decode",
+        "chunked=1",
+        "chunked=3",
+        "chunked=33",
+        "spec=1",
+        "spec=3",
+    ];
+    for path in paths {
         let sub = dir.path().join(path);
         std::fs::create_dir(&sub).unwrap();
         let (r, out) = forward(
@@ -585,8 +594,10 @@ fn example_output_full_equals_decode_through_the_cli() {
         assert!(r.ok, "{}", r.stderr);
         outs.push(read_out(&out));
     }
-    let (a, b) = (&outs[0], &outs[1]);
-    assert!(rel_l2(&b.0, &widen(&a.0)) <= TOL);
-    assert!(rel_l2(&b.1, &widen(&a.1)) <= TOL);
-    assert!(rel_l2(&b.2, &widen(&a.2)) <= TOL);
+    let a = &outs[0];
+    for (b, path) in outs.iter().zip(paths).skip(1) {
+        assert!(rel_l2(&b.0, &widen(&a.0)) <= TOL, "{path}: output");
+        assert!(rel_l2(&b.1, &widen(&a.1)) <= TOL, "{path}: conv_state");
+        assert!(rel_l2(&b.2, &widen(&a.2)) <= TOL, "{path}: ssm_state");
+    }
 }

@@ -7,19 +7,22 @@ mod common;
 use common::{oracle, randn, random_weights, rel_l2, rng, widen};
 use mamba_mixer::backend::Backend;
 use mamba_mixer::tensors::{FloatType, TensorFile};
-use mamba_mixer::{forward_decode, forward_full, Cpu, Input, Mixer, MixerConfig, Output, Weights};
+use mamba_mixer::{forward, Cpu, Input, Mixer, MixerConfig, Output, Path, Weights};
 use serde_json::json;
 
 /// DESIGN.md section 4: f32 against float64.
 const TOL: f64 = 1e-4;
 
-#[derive(Clone, Copy, Debug)]
-enum Path {
-    Full,
-    Decode,
-}
-
-const PATHS: [Path; 2] = [Path::Full, Path::Decode];
+/// Every way of feeding the tokens: whole, one at a time, in pieces shorter than d_conv and
+/// longer than a chunk, and in speculative groups.
+const PATHS: [Path; 6] = [
+    Path::Full,
+    Path::Decode,
+    Path::Chunked(3),
+    Path::Chunked(17),
+    Path::Spec(1),
+    Path::Spec(3),
+];
 
 #[derive(Clone, Copy)]
 enum Tokens {
@@ -235,11 +238,7 @@ fn run<B: Backend>(
     path: Path,
 ) -> Output {
     let m = Mixer::new(backend, cfg, w).expect("mixer");
-    match path {
-        Path::Full => forward_full(&m, input),
-        Path::Decode => forward_decode(&m, input),
-    }
-    .expect("forward")
+    forward(&m, input, path).expect("forward")
 }
 
 /// Every backend built here; a new backend joins the suite by joining this list.
@@ -291,7 +290,7 @@ fn every_case_every_path_every_backend_matches_float64() {
         for backend in backends() {
             for path in PATHS {
                 let got = run_on(backend, &cfg, &w, &input, path);
-                let label = format!("{} / {backend} / {path:?}", c.name);
+                let label = format!("{} / {backend} / {path}", c.name);
                 failures.extend(check(
                     &label,
                     &got,
@@ -314,7 +313,7 @@ fn every_case_every_path_every_backend_matches_float64() {
 }
 
 #[test]
-fn decode_path_equals_full_path() {
+fn every_path_equals_the_full_path() {
     // The contract of DESIGN.md section 4, checked directly (not only through the oracle).
     for (i, c) in cases().iter().enumerate() {
         let cfg = config(&c.cfg);
@@ -322,16 +321,18 @@ fn decode_path_equals_full_path() {
         let inputs = Inputs::draw(&cfg, c, 4000 + i as u64);
         for backend in backends() {
             let full = run_on(backend, &cfg, &w, &inputs.input(), Path::Full);
-            let dec = run_on(backend, &cfg, &w, &inputs.input(), Path::Decode);
-            let errs = check(
-                &format!("{} / {backend}", c.name),
-                &dec,
-                &widen(&full.output),
-                &widen(&full.conv_state),
-                &widen(&full.ssm_state),
-                TOL,
-            );
-            assert!(errs.is_empty(), "{}", errs.join("\n"));
+            for path in &PATHS[1..] {
+                let other = run_on(backend, &cfg, &w, &inputs.input(), *path);
+                let errs = check(
+                    &format!("{} / {backend} / {path}", c.name),
+                    &other,
+                    &widen(&full.output),
+                    &widen(&full.conv_state),
+                    &widen(&full.ssm_state),
+                    TOL,
+                );
+                assert!(errs.is_empty(), "{}", errs.join("\n"));
+            }
         }
     }
 }

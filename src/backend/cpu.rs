@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{Backend, Pack, Params, Slots};
+use super::{Backend, Decode, Pack, Params};
 use crate::config::MixerConfig;
 use crate::error::{Error, Result};
 use crate::tensors::HostTensor;
@@ -47,6 +47,31 @@ fn check_len(what: &str, len: usize, need: usize) -> Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Every slot (but -1, padding) must index a whole state of `len` values in `pool_len`.
+fn check_slots(op: &str, slots: &[i32], pool_len: usize, len: usize) -> Result<()> {
+    match slots
+        .iter()
+        .find(|&&s| s < -1 || (s >= 0 && (s as usize + 1) * len > pool_len))
+    {
+        Some(s) => Err(Error::Backend {
+            backend: "cpu",
+            msg: format!(
+                "{op}: slot {s} is outside the state pool of {} slots",
+                pool_len / len
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// What one (sequence, head) task of a scan produces.
+struct Scanned {
+    out: Vec<f32>,
+    state: Vec<f32>,
+    /// States to record: (entry, state).
+    recorded: Vec<(usize, Vec<f32>)>,
 }
 
 /// Column offsets inside one row of in_proj's output and of the conv's output.
@@ -155,6 +180,31 @@ impl Backend for Cpu {
         Ok(buf.clone())
     }
 
+    fn read(&self, src: &Vec<f32>, off: usize, len: usize) -> Result<Vec<f32>> {
+        check_len("read source", src.len(), off + len)?;
+        Ok(src[off..off + len].to_vec())
+    }
+
+    fn write(&self, dst: &mut Vec<f32>, off: usize, data: &[f32]) -> Result<()> {
+        check_len("write destination", dst.len(), off + data.len())?;
+        dst[off..off + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        src: &Vec<f32>,
+        src_off: usize,
+        dst: &mut Vec<f32>,
+        dst_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        check_len("copy source", src.len(), src_off + len)?;
+        check_len("copy destination", dst.len(), dst_off + len)?;
+        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+        Ok(())
+    }
+
     fn matmul(
         &self,
         x: &Vec<f32>,
@@ -203,7 +253,8 @@ impl Backend for Cpu {
         p: &Params<Self>,
         zxbcdt: &Vec<f32>,
         pack: &Pack<Self>,
-        conv_pool: &mut Vec<f32>,
+        pool: &mut Vec<f32>,
+        snaps: Option<&mut Vec<f32>>,
         xbc: &mut Vec<f32>,
     ) -> Result<()> {
         let cfg = &p.cfg;
@@ -212,8 +263,9 @@ impl Backend for Cpu {
         let rows = pack.rows();
         check_len("conv zxbcdt", zxbcdt.len(), rows * dip)?;
         check_len("conv xbc", xbc.len(), rows * cd)?;
+        check_slots("conv", &pack.slots, pool.len(), cd * dc)?;
         let w = &p.conv_weight;
-        let pool = &*conv_pool;
+        let old = &*pool;
         xbc[..rows * cd]
             .par_chunks_mut(cd)
             .enumerate()
@@ -232,36 +284,47 @@ impl Backend for Cpu {
                             0.0
                         } else {
                             let col = (dc as isize + src - start as isize) as usize;
-                            pool[(slot as usize * cd + c) * dc + col]
+                            old[(slot as usize * cd + c) * dc + col]
                         };
                         acc += w[c * dc + j] * v;
                     }
                     *o = silu(acc);
                 }
             });
-        // The final state is the last dc columns of [old state | the sequence's xBC columns].
-        let mut old = vec![0.0; dc];
-        for seq in 0..pack.seqs() {
-            let slot = pack.slots[seq];
-            if slot < 0 {
-                continue;
+        // The state after `pos` tokens is the last dc columns of [old state | the first pos
+        // xBC columns]. Snapshots first: they read the old state that the final write replaces.
+        let state_at = |seq: usize, pos: usize, c: usize, i: usize| {
+            let e = pos + i;
+            if e >= dc {
+                zxbcdt[(pack.cu[seq] as usize + e - dc) * dip + off + c]
+            } else if pack.slots[seq] < 0 {
+                0.0
+            } else {
+                old[(pack.slots[seq] as usize * cd + c) * dc + e]
             }
-            let (start, len) = (
-                pack.cu[seq] as usize,
-                (pack.cu[seq + 1] - pack.cu[seq]) as usize,
-            );
-            for c in 0..cd {
-                let st = &mut conv_pool[(slot as usize * cd + c) * dc..][..dc];
-                old.copy_from_slice(st);
-                for (i, s) in st.iter_mut().enumerate() {
-                    let e = len + i;
-                    *s = if e >= dc {
-                        zxbcdt[(start + e - dc) * dip + off + c]
-                    } else {
-                        old[e]
-                    };
+        };
+        let mut finals = vec![];
+        if let Some(buf) = snaps {
+            for snap in &pack.snaps {
+                check_len("conv snapshots", buf.len(), (snap.dest + 1) * cd * dc)?;
+                for c in 0..cd {
+                    for i in 0..dc {
+                        buf[(snap.dest * cd + c) * dc + i] = state_at(snap.seq, snap.pos, c, i);
+                    }
                 }
             }
+        }
+        for seq in 0..pack.seqs() {
+            if pack.slots[seq] >= 0 {
+                let len = (pack.cu[seq + 1] - pack.cu[seq]) as usize;
+                let st: Vec<f32> = (0..cd * dc)
+                    .map(|k| state_at(seq, len, k / dc, k % dc))
+                    .collect();
+                finals.push((pack.slots[seq] as usize, st));
+            }
+        }
+        for (slot, st) in finals {
+            pool[slot * cd * dc..(slot + 1) * cd * dc].copy_from_slice(&st);
         }
         Ok(())
     }
@@ -270,32 +333,44 @@ impl Backend for Cpu {
         &self,
         p: &Params<Self>,
         zxbcdt: &Vec<f32>,
-        slots: &Slots<Self>,
-        conv_pool: &mut Vec<f32>,
+        dec: &Decode<Self>,
+        pool: &mut Vec<f32>,
+        mut inter: Option<&mut Vec<f32>>,
         xbc: &mut Vec<f32>,
     ) -> Result<()> {
         let cfg = &p.cfg;
         let (cd, dc, dip) = (cfg.conv_dim(), cfg.d_conv, cfg.d_in_proj());
+        let sl = cd * dc;
         let off = Cols::new(cfg).xbc;
-        let rows = slots.slots.len();
+        let rows = dec.rows();
         check_len("conv_update zxbcdt", zxbcdt.len(), rows * dip)?;
         check_len("conv_update xbc", xbc.len(), rows * cd)?;
-        let mut window = vec![0.0; dc];
-        for (r, &slot) in slots.slots.iter().enumerate() {
-            for c in 0..cd {
-                if slot >= 0 {
-                    let st = &conv_pool[(slot as usize * cd + c) * dc..][..dc];
-                    window[..dc - 1].copy_from_slice(&st[1..]);
-                } else {
-                    window.fill(0.0);
+        check_slots("conv_update", &dec.slots, pool.len(), sl)?;
+        for i in 0..dec.requests() {
+            let (slot, rec) = (dec.slots[i], dec.record[i]);
+            let (r0, r1) = (dec.cu[i] as usize, dec.cu[i + 1] as usize);
+            let mut st = if slot >= 0 {
+                pool[slot as usize * sl..][..sl].to_vec()
+            } else {
+                vec![0.0; sl]
+            };
+            for (t, r) in (r0..r1).enumerate() {
+                for c in 0..cd {
+                    let win = &mut st[c * dc..(c + 1) * dc];
+                    win.rotate_left(1);
+                    win[dc - 1] = zxbcdt[r * dip + off + c];
+                    let acc = p.conv_bias.as_ref().map_or(0.0, |b| b[c])
+                        + dot(&p.conv_weight[c * dc..(c + 1) * dc], win);
+                    xbc[r * cd + c] = silu(acc);
                 }
-                window[dc - 1] = zxbcdt[r * dip + off + c];
-                let acc = p.conv_bias.as_ref().map_or(0.0, |b| b[c])
-                    + dot(&p.conv_weight[c * dc..(c + 1) * dc], &window);
-                xbc[r * cd + c] = silu(acc);
-                if slot >= 0 {
-                    conv_pool[(slot as usize * cd + c) * dc..][..dc].copy_from_slice(&window);
+                if let (true, Some(buf)) = (rec >= 0, inter.as_deref_mut()) {
+                    let at = (rec as usize * dec.stride + t) * sl;
+                    check_len("conv_update intermediates", buf.len(), at + sl)?;
+                    buf[at..at + sl].copy_from_slice(&st);
                 }
+            }
+            if rec < 0 && slot >= 0 {
+                pool[slot as usize * sl..][..sl].copy_from_slice(&st);
             }
         }
         Ok(())
@@ -307,7 +382,8 @@ impl Backend for Cpu {
         zxbcdt: &Vec<f32>,
         xbc: &Vec<f32>,
         pack: &Pack<Self>,
-        ssm_pool: &mut Vec<f32>,
+        pool: &mut Vec<f32>,
+        snaps: Option<&mut Vec<f32>>,
         y: &mut Vec<f32>,
     ) -> Result<()> {
         let cfg = &p.cfg;
@@ -315,26 +391,28 @@ impl Backend for Cpu {
         let (cd, dip, di) = (cfg.conv_dim(), cfg.d_in_proj(), cfg.d_inner());
         let dt_col = Cols::new(cfg).dt;
         let rows = pack.rows();
+        let sl = hd * ds;
         check_len("ssd_scan zxbcdt", zxbcdt.len(), rows * dip)?;
         check_len("ssd_scan xbc", xbc.len(), rows * cd)?;
         check_len("ssd_scan y", y.len(), rows * di)?;
-        let pool = &*ssm_pool;
-        let sl = hd * ds;
+        check_slots("ssd_scan", &pack.slots, pool.len(), nh * sl)?;
+        let old = &*pool;
         // One task per (sequence, head): chunks in order, the state passed from one to the next.
-        let results: Vec<(Vec<f32>, Vec<f32>)> = (0..pack.seqs() * nh)
+        let results: Vec<Scanned> = (0..pack.seqs() * nh)
             .into_par_iter()
             .map(|task| {
                 let (seq, h) = (task / nh, task % nh);
                 let head = Head::new(cfg, p, h);
                 let slot = pack.slots[seq];
                 let mut st = if slot >= 0 {
-                    pool[(slot as usize * nh + h) * sl..][..sl].to_vec()
+                    old[(slot as usize * nh + h) * sl..][..sl].to_vec()
                 } else {
                     vec![0.0; sl]
                 };
                 let start = pack.cu[seq] as usize;
                 let len = (pack.cu[seq + 1] as usize) - start;
                 let mut out = vec![0.0; len * hd];
+                let mut recorded = vec![];
                 let (c0, c1) = (pack.seq_chunks[seq], pack.seq_chunks[seq + 1]);
                 for chunk in c0 as usize..c1 as usize {
                     let (r0, r1) = (
@@ -343,19 +421,34 @@ impl Backend for Cpu {
                     );
                     let ys = &mut out[(r0 - start) * hd..(r1 - start) * hd];
                     scan_chunk(&head, zxbcdt, xbc, dt_col, r0, r1, &mut st, ys);
+                    for snap in pack.snaps.iter().filter(|s| s.chunk == chunk) {
+                        recorded.push((snap.dest, st.clone()));
+                    }
                 }
-                (out, st)
+                Scanned {
+                    out,
+                    state: st,
+                    recorded,
+                }
             })
             .collect();
-        for (task, (out, st)) in results.into_iter().enumerate() {
+        let mut snaps = snaps;
+        for (task, res) in results.into_iter().enumerate() {
             let (seq, h) = (task / nh, task % nh);
             let start = pack.cu[seq] as usize;
-            for (i, row) in out.chunks(hd).enumerate() {
+            for (i, row) in res.out.chunks(hd).enumerate() {
                 y[(start + i) * di + h * hd..][..hd].copy_from_slice(row);
             }
             let slot = pack.slots[seq];
             if slot >= 0 {
-                ssm_pool[(slot as usize * nh + h) * sl..][..sl].copy_from_slice(&st);
+                pool[(slot as usize * nh + h) * sl..][..sl].copy_from_slice(&res.state);
+            }
+            if let Some(buf) = snaps.as_deref_mut() {
+                for (dest, st) in res.recorded {
+                    let at = (dest * nh + h) * sl;
+                    check_len("ssd_scan snapshots", buf.len(), at + sl)?;
+                    buf[at..at + sl].copy_from_slice(&st);
+                }
             }
         }
         Ok(())
@@ -366,42 +459,68 @@ impl Backend for Cpu {
         p: &Params<Self>,
         zxbcdt: &Vec<f32>,
         xbc: &Vec<f32>,
-        slots: &Slots<Self>,
-        ssm_pool: &mut Vec<f32>,
+        dec: &Decode<Self>,
+        pool: &mut Vec<f32>,
+        inter: Option<&mut Vec<f32>>,
         y: &mut Vec<f32>,
     ) -> Result<()> {
         let cfg = &p.cfg;
         let (nh, hd, ds) = (cfg.nheads(), cfg.headdim, cfg.d_state);
         let (cd, dip, di) = (cfg.conv_dim(), cfg.d_in_proj(), cfg.d_inner());
         let dt_col = Cols::new(cfg).dt;
-        let rows = slots.slots.len();
+        let rows = dec.rows();
+        let sl = hd * ds;
         check_len("state_update zxbcdt", zxbcdt.len(), rows * dip)?;
         check_len("state_update xbc", xbc.len(), rows * cd)?;
         check_len("state_update y", y.len(), rows * di)?;
-        let pool = &*ssm_pool;
-        let sl = hd * ds;
-        let results: Vec<(Vec<f32>, Vec<f32>)> = (0..rows * nh)
+        check_slots("state_update", &dec.slots, pool.len(), nh * sl)?;
+        let old = &*pool;
+        let record = inter.is_some();
+        let results: Vec<Scanned> = (0..dec.requests() * nh)
             .into_par_iter()
             .map(|task| {
-                let (r, h) = (task / nh, task % nh);
+                let (i, h) = (task / nh, task % nh);
                 let head = Head::new(cfg, p, h);
-                let slot = slots.slots[r];
+                let slot = dec.slots[i];
                 let mut st = if slot >= 0 {
-                    pool[(slot as usize * nh + h) * sl..][..sl].to_vec()
+                    old[(slot as usize * nh + h) * sl..][..sl].to_vec()
                 } else {
                     vec![0.0; sl]
                 };
-                let mut out = vec![0.0; hd];
-                scan_chunk(&head, zxbcdt, xbc, dt_col, r, r + 1, &mut st, &mut out);
-                (out, st)
+                let (r0, r1) = (dec.cu[i] as usize, dec.cu[i + 1] as usize);
+                let mut out = vec![0.0; (r1 - r0) * hd];
+                let mut recorded = vec![];
+                for (t, r) in (r0..r1).enumerate() {
+                    let ys = &mut out[t * hd..(t + 1) * hd];
+                    scan_chunk(&head, zxbcdt, xbc, dt_col, r, r + 1, &mut st, ys);
+                    if record && dec.record[i] >= 0 {
+                        recorded.push((dec.record[i] as usize * dec.stride + t, st.clone()));
+                    }
+                }
+                Scanned {
+                    out,
+                    state: st,
+                    recorded,
+                }
             })
             .collect();
-        for (task, (out, st)) in results.into_iter().enumerate() {
-            let (r, h) = (task / nh, task % nh);
-            y[r * di + h * hd..][..hd].copy_from_slice(&out);
-            let slot = slots.slots[r];
-            if slot >= 0 {
-                ssm_pool[(slot as usize * nh + h) * sl..][..sl].copy_from_slice(&st);
+        let mut inter = inter;
+        for (task, res) in results.into_iter().enumerate() {
+            let (i, h) = (task / nh, task % nh);
+            let r0 = dec.cu[i] as usize;
+            for (t, row) in res.out.chunks(hd).enumerate() {
+                y[(r0 + t) * di + h * hd..][..hd].copy_from_slice(row);
+            }
+            let slot = dec.slots[i];
+            if dec.record[i] < 0 && slot >= 0 {
+                pool[(slot as usize * nh + h) * sl..][..sl].copy_from_slice(&res.state);
+            }
+            if let Some(buf) = inter.as_deref_mut() {
+                for (entry, st) in res.recorded {
+                    let at = (entry * nh + h) * sl;
+                    check_len("state_update intermediates", buf.len(), at + sl)?;
+                    buf[at..at + sl].copy_from_slice(&st);
+                }
             }
         }
         Ok(())

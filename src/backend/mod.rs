@@ -24,19 +24,41 @@ pub struct Params<B: Backend> {
     pub out_proj_bias: Option<B::Buf>,
 }
 
+/// A pair of state buffers: one conv state `(conv_dim, d_conv)` and one ssm state
+/// `(nheads, headdim, d_state)` per entry. The slot pool, the prefix snapshots and the speculative
+/// intermediates are all of this form.
+pub struct States<B: Backend> {
+    pub conv: B::Buf,
+    pub ssm: B::Buf,
+}
+
+/// A state recorded inside a prefill pass: sequence `seq` after `pos` of its tokens (`pos >= 1`),
+/// which is the end of chunk `chunk`, goes to entry `dest` of the snapshot buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snap {
+    pub seq: usize,
+    pub pos: usize,
+    pub chunk: usize,
+    pub dest: usize,
+}
+
 /// Packed sequences of one prefill pass, described on the host and mirrored on the device.
 /// Sequence `i` owns rows `cu[i]..cu[i+1]` and reads and writes state slot `slots[i]` (-1: starts
 /// from zero and writes nothing). Chunks never straddle two sequences: sequence `i` owns chunks
 /// `seq_chunks[i]..seq_chunks[i+1]`, and chunk `c` owns rows `chunk_rows[c]..chunk_rows[c+1]`.
+/// Every snapshot position ends a chunk.
 pub struct Pack<B: Backend> {
     pub cu: Vec<i32>,
     pub slots: Vec<i32>,
     pub seq_chunks: Vec<i32>,
     pub chunk_rows: Vec<i32>,
+    pub snaps: Vec<Snap>,
     pub dev_cu: B::Idx,
     pub dev_slots: B::Idx,
     pub dev_seq_chunks: B::Idx,
     pub dev_chunk_rows: B::Idx,
+    /// `snaps` flattened as `(seq, pos, chunk, dest)` quadruples.
+    pub dev_snaps: B::Idx,
 }
 
 impl<B: Backend> Pack<B> {
@@ -53,16 +75,34 @@ impl<B: Backend> Pack<B> {
     }
 }
 
-/// One token for each of several requests (decode): row `i` reads and writes slot `slots[i]`.
-pub struct Slots<B: Backend> {
+/// Requests of one decode pass, each of one or more tokens run through the recurrence in order:
+/// request `i` owns rows `cu[i]..cu[i+1]` and starts from slot `slots[i]` (-1: zero state,
+/// nothing written). With `record[i] = -1` its final state goes back to the slot; otherwise the
+/// state after each of its tokens `t` goes to entry `record[i] * stride + t` of the intermediate
+/// buffers and the slot is left as it was.
+pub struct Decode<B: Backend> {
     pub slots: Vec<i32>,
-    pub dev: B::Idx,
+    pub cu: Vec<i32>,
+    pub record: Vec<i32>,
+    pub stride: usize,
+    pub dev_slots: B::Idx,
+    pub dev_cu: B::Idx,
+    pub dev_record: B::Idx,
+}
+
+impl<B: Backend> Decode<B> {
+    pub fn rows(&self) -> usize {
+        self.cu.last().map_or(0, |&r| r as usize)
+    }
+
+    pub fn requests(&self) -> usize {
+        self.slots.len()
+    }
 }
 
 /// Buffers and kernels. Row-major layouts throughout; `zxbcdt` is in_proj's output
 /// `(rows, d_in_proj)` = `z | xBC | dt`, `xbc` the conv's output `(rows, conv_dim)`, `y` the scan's
-/// output `(rows, d_inner)`. State pools hold one conv state `(conv_dim, d_conv)` or ssm state
-/// `(nheads, headdim, d_state)` per slot.
+/// output `(rows, d_inner)`.
 pub trait Backend: Sized {
     /// An f32 device buffer.
     type Buf;
@@ -78,6 +118,19 @@ pub trait Backend: Sized {
     fn upload_weight(&self, w: &HostTensor) -> Result<Self::Weight>;
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Reads `len` values from `src[off..]`.
+    fn read(&self, src: &Self::Buf, off: usize, len: usize) -> Result<Vec<f32>>;
+    /// Writes `data` into `dst[off..]`.
+    fn write(&self, dst: &mut Self::Buf, off: usize, data: &[f32]) -> Result<()>;
+    /// Copies `len` values from `src[src_off..]` into `dst[dst_off..]`.
+    fn copy(
+        &self,
+        src: &Self::Buf,
+        src_off: usize,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        len: usize,
+    ) -> Result<()>;
 
     /// `out (rows, n) = x (rows, k) . w^T + bias`.
     fn matmul(
@@ -90,47 +143,55 @@ pub trait Backend: Sized {
     ) -> Result<()>;
 
     /// Causal depthwise conv + SiLU over packed sequences: `xbc = silu(conv(xBC of zxbcdt))`,
-    /// each sequence continuing from its slot's conv state, whose final state is written back.
+    /// each sequence continuing from its slot's conv state, whose final state is written back;
+    /// the conv state at each of `pack.snaps` goes to `snaps`.
     fn conv(
         &self,
         p: &Params<Self>,
         zxbcdt: &Self::Buf,
         pack: &Pack<Self>,
-        conv_pool: &mut Self::Buf,
+        pool: &mut Self::Buf,
+        snaps: Option<&mut Self::Buf>,
         xbc: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// One conv step per request: shift the slot's conv state by one column, append the new
+    /// The conv of a decode pass: per token, shift the conv state by one column, append the new
     /// xBC column and convolve.
     fn conv_update(
         &self,
         p: &Params<Self>,
         zxbcdt: &Self::Buf,
-        slots: &Slots<Self>,
-        conv_pool: &mut Self::Buf,
+        dec: &Decode<Self>,
+        pool: &mut Self::Buf,
+        inter: Option<&mut Self::Buf>,
         xbc: &mut Self::Buf,
     ) -> Result<()>;
 
     /// The SSD chunked scan over packed sequences, `y = ssm(x, dt, B, C) + D x`, each sequence
-    /// starting from its slot's ssm state, whose final state is written back.
+    /// starting from its slot's ssm state, whose final state is written back; the state at each
+    /// of `pack.snaps` goes to `snaps`.
+    #[allow(clippy::too_many_arguments)]
     fn ssd_scan(
         &self,
         p: &Params<Self>,
         zxbcdt: &Self::Buf,
         xbc: &Self::Buf,
         pack: &Pack<Self>,
-        ssm_pool: &mut Self::Buf,
+        pool: &mut Self::Buf,
+        snaps: Option<&mut Self::Buf>,
         y: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// One recurrence step per request on its slot's ssm state.
+    /// The recurrence of a decode pass, token by token, on each request's ssm state.
+    #[allow(clippy::too_many_arguments)]
     fn state_update(
         &self,
         p: &Params<Self>,
         zxbcdt: &Self::Buf,
         xbc: &Self::Buf,
-        slots: &Slots<Self>,
-        ssm_pool: &mut Self::Buf,
+        dec: &Decode<Self>,
+        pool: &mut Self::Buf,
+        inter: Option<&mut Self::Buf>,
         y: &mut Self::Buf,
     ) -> Result<()>;
 
