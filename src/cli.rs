@@ -236,5 +236,5 @@ fn run_path<B: Backend>(
     path: ExecPath,
 ) -> Result<Output> {
     let m = Mixer::new(backend, cfg, w)?;
-    run_forward(&m, &input.as_input(), path)
+    pollster::block_on(run_forward(&m, &input.as_input(), path))
 }

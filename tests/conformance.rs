@@ -4,6 +4,8 @@
 
 mod common;
 
+use pollster::block_on;
+
 use common::{oracle, randn, random_weights, rel_l2, rng, widen};
 use mamba_mixer::backend::Backend;
 use mamba_mixer::tensors::{FloatType, TensorFile};
@@ -238,7 +240,7 @@ fn run<B: Backend>(
     path: Path,
 ) -> Output {
     let m = Mixer::new(backend, cfg, w).expect("mixer");
-    forward(&m, input, path).expect("forward")
+    block_on(forward(&m, input, path)).expect("forward")
 }
 
 /// Every backend built here; a new backend joins the suite by joining this list.

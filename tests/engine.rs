@@ -4,6 +4,8 @@
 
 mod common;
 
+use pollster::block_on;
+
 use common::{oracle, randn, random_weights, rel_l2, rng};
 use mamba_mixer::backend::Backend;
 use mamba_mixer::tensors::FloatType;
@@ -189,8 +191,7 @@ fn schedule<B: Backend>(backend: B, cfg: &MixerConfig, trial: u64) -> [usize; 5]
                 work: p.work.clone(),
             })
             .collect();
-        let outs = engine
-            .step(&requests)
+        let outs = block_on(engine.step(&requests))
             .unwrap_or_else(|e| panic!("trial {trial} step {step}: {e}"));
         for (p, out) in pieces.iter().zip(&outs) {
             let n = p.tokens.len() / d;
@@ -233,7 +234,7 @@ fn schedule<B: Backend>(backend: B, cfg: &MixerConfig, trial: u64) -> [usize; 5]
             }
             // The slot now holds the state after exactly the accepted stream.
             let (_, conv, ssm) = reference(cfg, &w, &sims[i].stream);
-            let (gc, gs) = engine.state(sims[i].slot).unwrap();
+            let (gc, gs) = block_on(engine.state(sims[i].slot)).unwrap();
             assert!(
                 rel_l2(&gc, &conv) <= TOL,
                 "{label}: conv state error {:.3e}",
@@ -306,12 +307,12 @@ fn a_prompt_in_pieces_of_any_size_equals_the_whole_prompt() {
                 tokens: &prompt[at * d..(at + n) * d],
                 work: Work::Prefill { snapshots: vec![] },
             };
-            got.extend(e.step(&[req]).unwrap().remove(0).output);
+            got.extend(block_on(e.step(&[req])).unwrap().remove(0).output);
             at += n;
         }
         assert_eq!(at, 60);
         assert!(rel_l2(&got, &want) <= TOL, "{pieces:?}");
-        let (c, s) = e.state(slot).unwrap();
+        let (c, s) = block_on(e.state(slot)).unwrap();
         assert!(
             rel_l2(&c, &conv) <= TOL && rel_l2(&s, &ssm) <= TOL,
             "{pieces:?}"
@@ -337,34 +338,32 @@ fn starting_from_a_snapshot_equals_recomputing_the_prefix() {
     .unwrap();
     let a = e.alloc().unwrap();
     // Record after 2 tokens (shorter than d_conv), after 8 (a chunk end) and after 21 (the end).
-    let out = e
-        .step(&[Request {
-            slot: a,
-            tokens: &prefix,
-            work: Work::Prefill {
-                snapshots: vec![2, 8, 21],
-            },
-        }])
-        .unwrap()
-        .remove(0);
+    let out = block_on(e.step(&[Request {
+        slot: a,
+        tokens: &prefix,
+        work: Work::Prefill {
+            snapshots: vec![2, 8, 21],
+        },
+    }]))
+    .unwrap()
+    .remove(0);
     assert_eq!(out.snapshots.len(), 3);
     for (&pos, &id) in [2usize, 8, 21].iter().zip(&out.snapshots) {
         let b = e.alloc().unwrap();
         e.restore(b, id).unwrap();
-        let got = e
-            .step(&[Request {
-                slot: b,
-                tokens: &suffix,
-                work: Work::Prefill { snapshots: vec![] },
-            }])
-            .unwrap()
-            .remove(0)
-            .output;
+        let got = block_on(e.step(&[Request {
+            slot: b,
+            tokens: &suffix,
+            work: Work::Prefill { snapshots: vec![] },
+        }]))
+        .unwrap()
+        .remove(0)
+        .output;
         let mut stream = prefix[..pos * d].to_vec();
         stream.extend_from_slice(&suffix);
         let (want, conv, ssm) = reference(&cfg, &w, &stream);
         assert!(rel_l2(&got, &want[pos * d..]) <= TOL, "snapshot at {pos}");
-        let (c, s) = e.state(b).unwrap();
+        let (c, s) = block_on(e.state(b)).unwrap();
         assert!(
             rel_l2(&c, &conv) <= TOL && rel_l2(&s, &ssm) <= TOL,
             "snapshot at {pos}"
@@ -375,7 +374,10 @@ fn starting_from_a_snapshot_equals_recomputing_the_prefix() {
 
 /// Every slot's state and the engine's answers, to compare before and after a refused call.
 fn pool_image<B: Backend>(e: &Engine<B>, slots: &[i32]) -> Vec<(Vec<f32>, Vec<f32>)> {
-    slots.iter().map(|&s| e.state(s).unwrap()).collect()
+    slots
+        .iter()
+        .map(|&s| block_on(e.state(s)).unwrap())
+        .collect()
 }
 
 #[test]
@@ -401,23 +403,22 @@ fn bad_requests_are_refused_and_leave_the_pool_unchanged() {
         tokens,
         work: Work::Prefill { snapshots: vec![] },
     };
-    let first = e
-        .step(&[
-            Request {
-                slot: a,
-                tokens: &t5,
-                work: Work::Prefill { snapshots: vec![4] },
-            },
-            pre(b, &t3[..]),
-        ])
-        .unwrap();
+    let first = block_on(e.step(&[
+        Request {
+            slot: a,
+            tokens: &t5,
+            work: Work::Prefill { snapshots: vec![4] },
+        },
+        pre(b, &t3[..]),
+    ]))
+    .unwrap();
     let evicted = first[0].snapshots[0];
     // A second snapshot evicts the first from the one-entry store.
-    e.step(&[Request {
+    block_on(e.step(&[Request {
         slot: b,
         tokens: &t3,
         work: Work::Prefill { snapshots: vec![1] },
-    }])
+    }]))
     .unwrap();
     assert!(!e.has_snapshot(evicted));
 
@@ -504,7 +505,7 @@ fn bad_requests_are_refused_and_leave_the_pool_unchanged() {
         ),
     ];
     for (label, reqs, fragment) in refused {
-        let msg = e.step(&reqs).expect_err(label).to_string();
+        let msg = block_on(e.step(&reqs)).expect_err(label).to_string();
         assert!(
             msg.contains(fragment),
             "{label}: {msg:?} lacks {fragment:?}"
@@ -521,7 +522,7 @@ fn bad_requests_are_refused_and_leave_the_pool_unchanged() {
     assert!(msg.contains("no speculative decode pending"), "{msg}");
 
     // A speculative decode leaves the slot alone until accept; accept beyond 1 + k is refused.
-    e.step(&[spec(a, &t3, 2)]).unwrap();
+    block_on(e.step(&[spec(a, &t3, 2)])).unwrap();
     assert_eq!(
         pool_image(&e, &[a, b]),
         image,
@@ -529,7 +530,7 @@ fn bad_requests_are_refused_and_leave_the_pool_unchanged() {
     );
     let msg = e.accept(a, 4).unwrap_err().to_string();
     assert!(msg.contains("cannot accept 4"), "{msg}");
-    let msg = e.step(&[pre(a, t1)]).unwrap_err().to_string();
+    let msg = block_on(e.step(&[pre(a, t1)])).unwrap_err().to_string();
     assert!(msg.contains("pending"), "{msg}");
     assert_eq!(pool_image(&e, &[a, b]), image);
     e.accept(a, 0).unwrap();
@@ -547,11 +548,10 @@ fn bad_requests_are_refused_and_leave_the_pool_unchanged() {
         .to_string()
         .contains("all 3 state slots are in use"));
     e.reset(a).unwrap();
-    let (ca, sa) = e.state(a).unwrap();
+    let (ca, sa) = block_on(e.state(a)).unwrap();
     assert!(ca.iter().chain(&sa).all(|&x| x == 0.0));
     e.free(c).unwrap();
-    assert!(e
-        .state(c)
+    assert!(block_on(e.state(c))
         .unwrap_err()
         .to_string()
         .contains("not allocated"));

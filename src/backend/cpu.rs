@@ -176,13 +176,15 @@ impl Backend for Cpu {
         Ok(vec![0.0; len])
     }
 
-    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(buf.clone())
-    }
-
-    fn read(&self, src: &Vec<f32>, off: usize, len: usize) -> Result<Vec<f32>> {
-        check_len("read source", src.len(), off + len)?;
-        Ok(src[off..off + len].to_vec())
+    fn read(
+        &self,
+        ranges: &[(&Vec<f32>, usize, usize)],
+    ) -> impl std::future::Future<Output = Result<Vec<Vec<f32>>>> {
+        let read = |&(src, off, len): &(&Vec<f32>, usize, usize)| {
+            check_len("read source", src.len(), off + len)?;
+            Ok(src[off..off + len].to_vec())
+        };
+        std::future::ready(ranges.iter().map(read).collect())
     }
 
     fn write(&self, dst: &mut Vec<f32>, off: usize, data: &[f32]) -> Result<()> {

@@ -117,9 +117,12 @@ pub trait Backend: Sized {
     fn upload_idx(&self, data: &[i32]) -> Result<Self::Idx>;
     fn upload_weight(&self, w: &HostTensor) -> Result<Self::Weight>;
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
-    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
-    /// Reads `len` values from `src[off..]`.
-    fn read(&self, src: &Self::Buf, off: usize, len: usize) -> Result<Vec<f32>>;
+    /// Reads ranges `(buffer, offset, len)` back to the host. Everything recorded so far is
+    /// submitted once and awaited (asynchronously: browsers cannot block).
+    fn read(
+        &self,
+        ranges: &[(&Self::Buf, usize, usize)],
+    ) -> impl std::future::Future<Output = Result<Vec<Vec<f32>>>>;
     /// Writes `data` into `dst[off..]`.
     fn write(&self, dst: &mut Self::Buf, off: usize, data: &[f32]) -> Result<()>;
     /// Copies `len` values from `src[src_off..]` into `dst[dst_off..]`.

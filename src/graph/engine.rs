@@ -205,15 +205,17 @@ impl<'m, B: Backend> Engine<'m, B> {
     }
 
     /// Reads a slot's conv state `(conv_dim, d_conv)` and ssm state `(nheads, headdim, d_state)`.
-    pub fn state(&self, slot: i32) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub async fn state(&self, slot: i32) -> Result<(Vec<f32>, Vec<f32>)> {
         let s = self.used_slot(slot)?;
         let cfg = self.m.config();
         let (cl, sl) = (cfg.conv_state_len(), cfg.ssm_state_len());
-        let b = &self.m.backend;
-        Ok((
-            b.read(&self.pool.conv, s * cl, cl)?,
-            b.read(&self.pool.ssm, s * sl, sl)?,
-        ))
+        let mut got = self
+            .m
+            .backend
+            .read(&[(&self.pool.conv, s * cl, cl), (&self.pool.ssm, s * sl, sl)])
+            .await?;
+        let ssm = got.pop().unwrap_or_default();
+        Ok((got.pop().unwrap_or_default(), ssm))
     }
 
     /// Ends the speculative decode pending on `slot`, keeping its first `accepted` tokens
@@ -264,9 +266,10 @@ impl<'m, B: Backend> Engine<'m, B> {
     }
 
     /// Runs one step: the prefill requests as one packed pass, the decode requests as one
-    /// batched pass; returns one output per request, in the order given. Every request is
-    /// checked before any work is done, so a refused step leaves the engine as it was.
-    pub fn step(&mut self, requests: &[Request]) -> Result<Vec<RequestOutput>> {
+    /// batched pass, both recorded before one readback of their outputs; returns one output per
+    /// request, in the order given. Every request is checked before any work is done, so a
+    /// refused step leaves the engine as it was.
+    pub async fn step(&mut self, requests: &[Request<'_>]) -> Result<Vec<RequestOutput>> {
         self.check(requests)?;
         let m = self.m;
         let d = m.config().d_model;
@@ -290,15 +293,8 @@ impl<'m, B: Backend> Engine<'m, B> {
             }
             (cu, hidden)
         };
-        let scatter = |outs: &mut [RequestOutput], idx: &[usize], cu: &[i32], out: &[f32]| {
-            for (k, &i) in idx.iter().enumerate() {
-                if requests[i].slot >= 0 {
-                    let rows = cu[k] as usize * d..cu[k + 1] as usize * d;
-                    outs[i].output.copy_from_slice(&out[rows]);
-                }
-            }
-        };
-
+        // (requests, their row boundaries, the pass's output buffer) of each pass that ran.
+        let mut passes = vec![];
         if !pre.is_empty() {
             let (cu, hidden) = gather(&pre);
             let mut snaps = vec![];
@@ -315,7 +311,7 @@ impl<'m, B: Backend> Engine<'m, B> {
             let pk = pack(&m.backend, cu, slots, &snaps, m.config().chunk_size)?;
             let h = m.backend.upload(&hidden)?;
             let out = prefill(m, &h, &pk, &mut self.pool, self.snaps.states.as_mut())?;
-            scatter(&mut outs, &pre, &pk.cu, &m.backend.download(&out)?);
+            passes.push((&pre, pk.cu, out));
         }
 
         if !dec.is_empty() {
@@ -332,10 +328,23 @@ impl<'m, B: Backend> Engine<'m, B> {
             let db = decode_batch(&m.backend, cu, slots, record, 1 + self.max_spec)?;
             let h = m.backend.upload(&hidden)?;
             let out = decode(m, &h, &db, &mut self.pool, self.inter.as_mut())?;
-            scatter(&mut outs, &dec, &db.cu, &m.backend.download(&out)?);
             for &i in &dec {
                 if spec(i) > 0 && requests[i].slot >= 0 {
                     self.slots[requests[i].slot as usize].pending = 1 + spec(i);
+                }
+            }
+            passes.push((&dec, db.cu, out));
+        }
+        let ranges: Vec<_> = passes
+            .iter()
+            .map(|(_, cu, out)| (out, 0, cu[cu.len() - 1] as usize * d))
+            .collect();
+        let read = m.backend.read(&ranges).await?;
+        for ((idx, cu, _), out) in passes.iter().zip(read) {
+            for (k, &i) in idx.iter().enumerate() {
+                if requests[i].slot >= 0 {
+                    let rows = cu[k] as usize * d..cu[k + 1] as usize * d;
+                    outs[i].output.copy_from_slice(&out[rows]);
                 }
             }
         }

@@ -160,7 +160,7 @@ pub fn check_cu_seqlens(cu: &[i32], seq_len: usize, batch: usize) -> Result<()> 
 
 /// Runs a whole input: one slot per sequence, holding its initial state, then steps of pieces
 /// as `path` says; returns the output in the input's layout and every sequence's final state.
-pub fn forward<B: Backend>(m: &Mixer<B>, input: &Input, path: Path) -> Result<Output> {
+pub async fn forward<B: Backend>(m: &Mixer<B>, input: &Input<'_>, path: Path) -> Result<Output> {
     let cfg = m.config();
     let d = cfg.d_model;
     let seqs = input.sequences(cfg)?;
@@ -223,7 +223,7 @@ pub fn forward<B: Backend>(m: &Mixer<B>, input: &Input, path: Path) -> Result<Ou
                 },
             })
             .collect();
-        let outs = engine.step(&requests)?;
+        let outs = engine.step(&requests).await?;
         for (&(s, t0, len), out) in pieces.iter().zip(&outs) {
             for (i, &r) in seqs[s][t0..t0 + len].iter().enumerate() {
                 result[r * d..(r + 1) * d].copy_from_slice(&out.output[i * d..(i + 1) * d]);
@@ -237,7 +237,7 @@ pub fn forward<B: Backend>(m: &Mixer<B>, input: &Input, path: Path) -> Result<Ou
     let mut conv_state = Vec::with_capacity(n * conv_len);
     let mut ssm_state = Vec::with_capacity(n * ssm_len);
     for &slot in &slots {
-        let (c, s) = engine.state(slot)?;
+        let (c, s) = engine.state(slot).await?;
         conv_state.extend(c);
         ssm_state.extend(s);
     }
