@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::backend::{cpu::Cpu, Backend, Kind};
+use crate::backend::{Backend, Kind, Opened};
 use crate::config::MixerConfig;
 use crate::error::{Error, Result};
 use crate::graph::{forward as run_forward, Input, Output, Path as ExecPath};
@@ -186,12 +186,14 @@ impl InputFile {
 
 fn forward(a: &ForwardArgs) -> Result<String> {
     let cfg = read_config(&a.config)?;
-    let kind = a.backend.resolve()?;
     let weights = Weights::load(&a.weights, &cfg, &a.prefix)?;
     let input = InputFile::read(&a.input, &cfg)?;
-    let out = match kind {
-        Kind::Cpu => run_path(Cpu, &cfg, &weights, &input, a.path)?,
-        other => return Err(Error::invalid(format!("backend {other:?} is not built"))),
+    // Files are checked before a device is opened.
+    let backend = pollster::block_on(a.backend.open())?;
+    let name = backend.name();
+    let out = match backend {
+        Opened::Cpu(b) => run_path(b, &cfg, &weights, &input, a.path)?,
+        Opened::Wgpu(b) => run_path(b, &cfg, &weights, &input, a.path)?,
     };
     let n = input.sequences();
     let (conv, ssm) = cfg.state_shapes_per_request();
@@ -213,19 +215,10 @@ fn forward(a: &ForwardArgs) -> Result<String> {
     Ok(format!(
         "wrote {} (backend {}, path {}, {} tokens in {n} sequences)",
         a.output.display(),
-        kind_name(kind),
+        name,
         a.path,
         input.seq_len * input.batch
     ))
-}
-
-fn kind_name(k: Kind) -> &'static str {
-    match k {
-        Kind::Auto => "auto",
-        Kind::Cpu => Cpu.name(),
-        Kind::Wgpu => "wgpu",
-        Kind::Cuda => "cuda",
-    }
 }
 
 fn run_path<B: Backend>(

@@ -2,6 +2,7 @@
 //! every path through this trait only, so a backend that implements it runs every path.
 
 pub mod cpu;
+pub mod wgpu;
 
 use crate::config::MixerConfig;
 use crate::error::{Error, Result};
@@ -219,18 +220,37 @@ pub enum Kind {
     Cuda,
 }
 
-impl Kind {
-    /// Resolves `Auto` to a concrete backend and refuses one that is not in this build.
-    pub fn resolve(self) -> Result<Kind> {
+/// An opened backend, chosen at run time.
+pub enum Opened {
+    Cpu(cpu::Cpu),
+    Wgpu(wgpu::Wgpu),
+}
+
+impl Opened {
+    pub fn name(&self) -> String {
         match self {
-            Kind::Auto | Kind::Cpu => Ok(Kind::Cpu),
-            Kind::Wgpu => Err(Error::Backend {
-                backend: "wgpu",
-                msg: "not available in this build (only the cpu backend is built)".into(),
-            }),
+            Opened::Cpu(_) => "cpu".into(),
+            Opened::Wgpu(w) => format!("wgpu ({})", w.adapter_name()),
+        }
+    }
+}
+
+impl Kind {
+    /// Opens the backend. `Auto` takes a hardware GPU through wgpu when there is one (a software
+    /// rasteriser such as lavapipe is slower than the CPU backend), else the CPU.
+    pub async fn open(self) -> Result<Opened> {
+        match self {
+            Kind::Cpu => Ok(Opened::Cpu(cpu::Cpu)),
+            Kind::Wgpu => Ok(Opened::Wgpu(
+                wgpu::Wgpu::new(wgpu::WgpuOptions::default()).await?,
+            )),
+            Kind::Auto => match wgpu::Wgpu::new(wgpu::WgpuOptions::default()).await {
+                Ok(w) if !w.is_software() => Ok(Opened::Wgpu(w)),
+                _ => Ok(Opened::Cpu(cpu::Cpu)),
+            },
             Kind::Cuda => Err(Error::Backend {
                 backend: "cuda",
-                msg: "not available in this build (only the cpu backend is built)".into(),
+                msg: "not available in this build (built without the cuda backend)".into(),
             }),
         }
     }

@@ -1,0 +1,187 @@
+// The causal depthwise conv + SiLU over packed sequences (conv_seq), the states it leaves
+// (conv_snap: at snapshot positions; conv_final: at each sequence's end, into its slot), and the
+// decode update over one or more tokens per request (conv_update).
+
+struct Params {
+    rows: u32,      // rows of this pass
+    cd: u32,        // conv channels
+    dc: u32,        // conv width
+    dip: u32,       // in_proj row width
+    off: u32,       // column of xBC in an in_proj row
+    seqs: u32,      // sequences (or requests)
+    has_bias: u32,
+    count: u32,     // threads that do work
+    nsnaps: u32,
+    stride: u32,    // intermediate entries per record index
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> zxbcdt: array<f32>;
+@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read> cu: array<i32>;
+@group(0) @binding(5) var<storage, read> slots: array<i32>;
+@group(0) @binding(6) var<storage, read_write> pool: array<f32>;
+@group(0) @binding(7) var<storage, read_write> xbc: array<f32>;
+// (seq, pos, chunk, dest) per snapshot; for conv_update: the record index per request.
+@group(0) @binding(8) var<storage, read> info: array<i32>;
+@group(0) @binding(9) var<storage, read_write> saved: array<f32>;
+
+const MAX_DC: u32 = 8u;
+
+fn silu(v: f32) -> f32 {
+    return v / (1.0 + exp(-v));
+}
+
+fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
+    return (wid.x + wid.y * nwg.x) * 64u + lid.x;
+}
+
+// The sequence that owns row r: the last s with cu[s] <= r.
+fn seq_of(r: u32) -> u32 {
+    var lo = 0u;
+    var hi = p.seqs;
+    while (hi - lo > 1u) {
+        let mid = (lo + hi) / 2u;
+        if (u32(cu[mid]) <= r) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+fn bias_of(c: u32) -> f32 {
+    if (p.has_bias != 0u) {
+        return bias[c];
+    }
+    return 0.0;
+}
+
+// Column i (0..dc) of the state after `pos` tokens of sequence s: the last dc columns of
+// [the slot's old state | the sequence's xBC columns].
+fn state_col(s: u32, pos: u32, c: u32, i: u32) -> f32 {
+    let e = pos + i;
+    if (e >= p.dc) {
+        return zxbcdt[(u32(cu[s]) + e - p.dc) * p.dip + p.off + c];
+    }
+    let slot = slots[s];
+    if (slot < 0) {
+        return 0.0;
+    }
+    return pool[(u32(slot) * p.cd + c) * p.dc + e];
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn conv_seq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_id) lid: vec3<u32>) {
+    let id = index(wid, nwg, lid);
+    if (id >= p.count) {
+        return;
+    }
+    let r = id / p.cd;
+    let c = id % p.cd;
+    let s = seq_of(r);
+    let start = u32(cu[s]);
+    var acc = bias_of(c);
+    for (var j = 0u; j < p.dc; j++) {
+        // Input r - (dc-1) + j: a row of this sequence, or a column of the old state.
+        let src = i32(r + j + 1u) - i32(p.dc);
+        var v = 0.0;
+        if (src >= i32(start)) {
+            v = zxbcdt[u32(src) * p.dip + p.off + c];
+        } else {
+            v = state_col(s, 0u, c, u32(i32(p.dc) + src - i32(start)));
+        }
+        acc = fma(weight[c * p.dc + j], v, acc);
+    }
+    xbc[r * p.cd + c] = silu(acc);
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn conv_snap(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let id = index(wid, nwg, lid);
+    if (id >= p.count) {
+        return;
+    }
+    let k = id / p.cd;
+    let c = id % p.cd;
+    let s = u32(info[k * 4u]);
+    let pos = u32(info[k * 4u + 1u]);
+    let dest = u32(info[k * 4u + 3u]);
+    for (var i = 0u; i < p.dc; i++) {
+        saved[(dest * p.cd + c) * p.dc + i] = state_col(s, pos, c, i);
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn conv_final(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_id) lid: vec3<u32>) {
+    let id = index(wid, nwg, lid);
+    if (id >= p.count) {
+        return;
+    }
+    let s = id / p.cd;
+    let c = id % p.cd;
+    let slot = slots[s];
+    if (slot < 0) {
+        return;
+    }
+    let len = u32(cu[s + 1u] - cu[s]);
+    // Read every column first: the new state may take columns of the old one.
+    var col: array<f32, MAX_DC>;
+    for (var i = 0u; i < p.dc; i++) {
+        col[i] = state_col(s, len, c, i);
+    }
+    for (var i = 0u; i < p.dc; i++) {
+        pool[(u32(slot) * p.cd + c) * p.dc + i] = col[i];
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn conv_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_id) lid: vec3<u32>) {
+    let id = index(wid, nwg, lid);
+    if (id >= p.count) {
+        return;
+    }
+    let i = id / p.cd;
+    let c = id % p.cd;
+    let slot = slots[i];
+    let rec = info[i];
+    var win: array<f32, MAX_DC>;
+    for (var j = 0u; j < p.dc; j++) {
+        win[j] = 0.0;
+        if (slot >= 0) {
+            win[j] = pool[(u32(slot) * p.cd + c) * p.dc + j];
+        }
+    }
+    let r0 = u32(cu[i]);
+    let r1 = u32(cu[i + 1u]);
+    for (var r = r0; r < r1; r++) {
+        for (var j = 0u; j + 1u < p.dc; j++) {
+            win[j] = win[j + 1u];
+        }
+        win[p.dc - 1u] = zxbcdt[r * p.dip + p.off + c];
+        var acc = bias_of(c);
+        for (var j = 0u; j < p.dc; j++) {
+            acc = fma(weight[c * p.dc + j], win[j], acc);
+        }
+        xbc[r * p.cd + c] = silu(acc);
+        if (rec >= 0) {
+            let at = (u32(rec) * p.stride + (r - r0)) * p.cd + c;
+            for (var j = 0u; j < p.dc; j++) {
+                saved[at * p.dc + j] = win[j];
+            }
+        }
+    }
+    if (rec < 0 && slot >= 0) {
+        for (var j = 0u; j < p.dc; j++) {
+            pool[(u32(slot) * p.cd + c) * p.dc + j] = win[j];
+        }
+    }
+}

@@ -1,0 +1,106 @@
+// out (rows, n) = x (rows, k) . w^T + bias, w stored (n, k) row-major.
+// Defines: W_F32 (w is f32), W_F16 (two f16 per u32), W_BF16 (two bf16 per u32); the 16-bit
+// rows hold ceil(k/2) words. Tiles of 64x64 outputs, 16x16 threads with 4x4 outputs each.
+
+struct Params {
+    rows: u32,
+    n: u32,
+    k: u32,
+    row_words: u32,
+    has_bias: u32,
+    tiles_n: u32,
+    groups: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+#if W_F32
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+#else
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+#endif
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+fn wload(j: u32, kk: u32) -> f32 {
+#if W_F32
+    return w[j * p.k + kk];
+#else
+    let word = w[j * p.row_words + kk / 2u];
+#if W_F16
+    let v = unpack2x16float(word);
+    return select(v.x, v.y, (kk & 1u) == 1u);
+#else
+    return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (kk & 1u) == 1u));
+#endif
+#endif
+}
+
+const TILE: u32 = 64u;
+const KT: u32 = 16u;
+
+var<workgroup> xs: array<array<f32, 65>, 16>;
+var<workgroup> ws: array<array<f32, 65>, 16>;
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_id) lid: vec3<u32>) {
+    let g = wid.x + wid.y * nwg.x;
+    if (g >= p.groups) {
+        return;
+    }
+    let r0 = (g / p.tiles_n) * TILE;
+    let j0 = (g % p.tiles_n) * TILE;
+    let t = lid.y * 16u + lid.x;
+    var acc: array<array<f32, 4>, 4>;
+    for (var k0 = 0u; k0 < p.k; k0 += KT) {
+        // 256 threads load 64x16 of x and of w: 4 values each.
+        for (var i = 0u; i < 4u; i++) {
+            let e = t + i * 256u;
+            let row = e / KT;
+            let kk = e % KT;
+            let gk = k0 + kk;
+            let gr = r0 + row;
+            let gj = j0 + row;
+            var xv = 0.0;
+            if (gr < p.rows && gk < p.k) {
+                xv = x[gr * p.k + gk];
+            }
+            var wv = 0.0;
+            if (gj < p.n && gk < p.k) {
+                wv = wload(gj, gk);
+            }
+            xs[kk][row] = xv;
+            ws[kk][row] = wv;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < KT; kk++) {
+            var a: array<f32, 4>;
+            var b: array<f32, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                a[i] = xs[kk][lid.y + i * 16u];
+                b[i] = ws[kk][lid.x + i * 16u];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                for (var jj = 0u; jj < 4u; jj++) {
+                    acc[i][jj] = fma(a[i], b[jj], acc[i][jj]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let r = r0 + lid.y + i * 16u;
+        for (var jj = 0u; jj < 4u; jj++) {
+            let j = j0 + lid.x + jj * 16u;
+            if (r < p.rows && j < p.n) {
+                var v = acc[i][jj];
+                if (p.has_bias != 0u) {
+                    v += bias[j];
+                }
+                out[r * p.n + j] = v;
+            }
+        }
+    }
+}

@@ -1,0 +1,900 @@
+//! The WGSL backend on wgpu: native (Vulkan, Metal, DX12) and browsers (WebGPU). Every op records
+//! compute passes into one command encoder; nothing is submitted until a readback, so a whole
+//! step is one submission. Pipelines are cached by (shader, entry, defines); buffers come from a
+//! pool keyed by size.
+
+mod shader;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use wgpu::util::DeviceExt;
+
+use super::{Backend, Decode, Pack, Params};
+use crate::config::MAX_D_CONV;
+use crate::error::{Error, Result};
+use crate::tensors::{Data, HostTensor};
+
+const WG: u32 = 64;
+/// Most workgroups along one dispatch dimension.
+const MAX_GROUPS: u32 = 65535;
+
+fn err(msg: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: "wgpu",
+        msg: msg.into(),
+    }
+}
+
+/// Which optional adapter features to use when present (tests turn them off to run the
+/// fallbacks).
+#[derive(Debug, Clone, Copy)]
+pub struct WgpuOptions {
+    pub use_f16: bool,
+    pub use_subgroups: bool,
+}
+
+impl Default for WgpuOptions {
+    fn default() -> Self {
+        WgpuOptions {
+            use_f16: true,
+            use_subgroups: true,
+        }
+    }
+}
+
+/// Free buffers by byte size, for reuse.
+#[derive(Default)]
+struct Pool {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+}
+
+/// A device buffer of f32 (or i32) values; it goes back to the pool when dropped.
+pub struct GpuBuf {
+    buf: Option<wgpu::Buffer>,
+    len: usize,
+    pool: Rc<RefCell<Pool>>,
+}
+
+impl GpuBuf {
+    fn raw(&self) -> &wgpu::Buffer {
+        // Only `drop` takes the buffer out.
+        self.buf.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for GpuBuf {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool
+                .borrow_mut()
+                .free
+                .entry(b.size())
+                .or_default()
+                .push(b);
+        }
+    }
+}
+
+/// A matmul weight `(n, k)`: f32, or two 16-bit values per u32 word (rows padded to even k).
+pub struct GpuWeight {
+    buf: GpuBuf,
+    n: usize,
+    k: usize,
+    row_words: usize,
+    kind: WeightKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WeightKind {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// A handle on one GPU device; clones share the device, its pipelines and its buffer pool (so
+/// the layers of a model can share one device).
+#[derive(Clone)]
+pub struct Wgpu {
+    inner: Rc<Inner>,
+}
+
+impl std::ops::Deref for Wgpu {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+pub struct Inner {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    adapter_name: String,
+    software: bool,
+    limits: wgpu::Limits,
+    pipelines: RefCell<HashMap<String, Rc<wgpu::ComputePipeline>>>,
+    encoder: RefCell<Option<wgpu::CommandEncoder>>,
+    pool: Rc<RefCell<Pool>>,
+    /// A device error caught by the uncaptured-error handler, reported at the next readback.
+    lost: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// A 16-byte buffer bound where an op has no tensor (a missing bias, no snapshots).
+    dummy: GpuBuf,
+}
+
+impl Wgpu {
+    /// The first adapter wgpu offers (high performance preferred).
+    pub async fn new(opts: WgpuOptions) -> Result<Self> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(format!("no GPU adapter: {e}")))?;
+        let have = adapter.features();
+        let mut features = wgpu::Features::empty();
+        if opts.use_subgroups && have.contains(wgpu::Features::SUBGROUP) {
+            features |= wgpu::Features::SUBGROUP;
+        }
+        if opts.use_f16 && have.contains(wgpu::Features::SHADER_F16) {
+            features |= wgpu::Features::SHADER_F16;
+        }
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("mamba-mixer"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| err(format!("cannot open the device: {e}")))?;
+        let lost = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let sink = lost.clone();
+        device.on_uncaptured_error(std::sync::Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut slot) = sink.lock() {
+                slot.get_or_insert(e.to_string());
+            }
+        }));
+        let pool = Rc::new(RefCell::new(Pool::default()));
+        let dummy = GpuBuf {
+            buf: Some(device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("dummy"),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })),
+            len: 4,
+            pool: pool.clone(),
+        };
+        let info = adapter.get_info();
+        let inner = Inner {
+            adapter_name: info.name,
+            software: info.device_type == wgpu::DeviceType::Cpu,
+            device,
+            queue,
+            limits,
+            pipelines: RefCell::new(HashMap::new()),
+            encoder: RefCell::new(None),
+            pool,
+            lost,
+            dummy,
+        };
+        Ok(Wgpu {
+            inner: Rc::new(inner),
+        })
+    }
+}
+
+impl Inner {
+    /// The adapter's name, e.g. "NVIDIA H200" or "llvmpipe (LLVM 15.0.6, 256 bits)".
+    pub fn adapter_name(&self) -> &str {
+        &self.adapter_name
+    }
+
+    /// Whether the adapter runs on the CPU (lavapipe, SwiftShader, WARP).
+    pub fn is_software(&self) -> bool {
+        self.software
+    }
+
+    fn buffer(&self, bytes: u64) -> Result<GpuBuf> {
+        // At least one word: zero-sized bindings are not allowed.
+        let size = bytes.max(16).next_multiple_of(16);
+        if size > self.limits.max_storage_buffer_binding_size as u64
+            || size > self.limits.max_buffer_size
+        {
+            return Err(err(format!(
+                "a buffer of {size} bytes exceeds the adapter's limit (max_storage_buffer_binding_size {}, max_buffer_size {})",
+                self.limits.max_storage_buffer_binding_size, self.limits.max_buffer_size
+            )));
+        }
+        let reused = self
+            .pool
+            .borrow_mut()
+            .free
+            .get_mut(&size)
+            .and_then(Vec::pop);
+        let buf = reused.unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        Ok(GpuBuf {
+            buf: Some(buf),
+            len: (bytes / 4) as usize,
+            pool: self.pool.clone(),
+        })
+    }
+
+    /// Submits what has been recorded, so that a queue write lands after it.
+    fn flush(&self) {
+        if let Some(enc) = self.encoder.borrow_mut().take() {
+            self.queue.submit([enc.finish()]);
+        }
+    }
+
+    fn with_encoder<T>(&self, f: impl FnOnce(&mut wgpu::CommandEncoder) -> T) -> T {
+        let mut slot = self.encoder.borrow_mut();
+        let enc = slot.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        f(enc)
+    }
+
+    fn bytes_to_buf(&self, bytes: &[u8]) -> Result<GpuBuf> {
+        let buf = self.buffer(bytes.len() as u64)?;
+        if !bytes.is_empty() {
+            // The pool may hand back a buffer that recorded work still reads: submit that first.
+            self.flush();
+            self.queue.write_buffer(buf.raw(), 0, bytes);
+        }
+        Ok(buf)
+    }
+
+    fn pipeline(
+        &self,
+        shader: (&str, &str),
+        entry: &str,
+        defines: &[(&str, u32)],
+    ) -> Rc<wgpu::ComputePipeline> {
+        let key = format!("{}:{entry}:{defines:?}", shader.0);
+        if let Some(p) = self.pipelines.borrow().get(&key) {
+            return p.clone();
+        }
+        let source = shader::expand(shader.1, defines);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(shader.0),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let pipeline = Rc::new(self.device.create_compute_pipeline(
+            &wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            },
+        ));
+        self.pipelines.borrow_mut().insert(key, pipeline.clone());
+        pipeline
+    }
+
+    /// Records one dispatch of `groups` workgroups (spread over x and y when there are more than
+    /// 65535), binding `params` as a uniform at 0 and `bufs` at their binding numbers.
+    fn dispatch(
+        &self,
+        shader: (&str, &str),
+        entry: &str,
+        defines: &[(&str, u32)],
+        params: &[u32],
+        bufs: &[(u32, &wgpu::Buffer)],
+        groups: u32,
+    ) -> Result<()> {
+        if groups == 0 {
+            return Ok(());
+        }
+        let pipeline = self.pipeline(shader, entry, defines);
+        let uniform = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytemuck::cast_slice(params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        }];
+        entries.extend(bufs.iter().map(|&(binding, b)| wgpu::BindGroupEntry {
+            binding,
+            resource: b.as_entire_binding(),
+        }));
+        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let (x, y) = if groups <= MAX_GROUPS {
+            (groups, 1)
+        } else {
+            (MAX_GROUPS, groups.div_ceil(MAX_GROUPS))
+        };
+        if y > MAX_GROUPS {
+            return Err(err(format!(
+                "{entry}: {groups} workgroups is too many for one dispatch"
+            )));
+        }
+        self.with_encoder(|enc| {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(entry),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(x, y, 1);
+        });
+        Ok(())
+    }
+
+    fn opt<'a>(&'a self, b: Option<&'a GpuBuf>) -> &'a wgpu::Buffer {
+        b.map_or(self.dummy.raw(), GpuBuf::raw)
+    }
+}
+
+fn u(v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| err(format!("size {v} does not fit the shaders' 32-bit indices")))
+}
+
+/// Threads of `WG` per workgroup needed for `n` items.
+fn groups_for(n: usize) -> Result<u32> {
+    u(n.div_ceil(WG as usize))
+}
+
+fn dt_limits(cfg: &crate::config::MixerConfig) -> [u32; 4] {
+    let (lo, hi) = cfg.dt_limit;
+    [
+        (lo > 0.0) as u32,
+        hi.is_some() as u32,
+        (lo as f32).to_bits(),
+        (hi.unwrap_or(0.0) as f32).to_bits(),
+    ]
+}
+
+impl Backend for Wgpu {
+    type Buf = GpuBuf;
+    type Idx = GpuBuf;
+    type Weight = GpuWeight;
+
+    fn name(&self) -> &'static str {
+        "wgpu"
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<GpuBuf> {
+        self.bytes_to_buf(bytemuck::cast_slice(data))
+    }
+
+    fn upload_idx(&self, data: &[i32]) -> Result<GpuBuf> {
+        self.bytes_to_buf(bytemuck::cast_slice(data))
+    }
+
+    fn upload_weight(&self, w: &HostTensor) -> Result<GpuWeight> {
+        let [n, k] = w.shape[..] else {
+            return Err(err(format!(
+                "a matmul weight must be 2-D, got shape {:?}",
+                w.shape
+            )));
+        };
+        let row_words = k.div_ceil(2);
+        // 16-bit rows are padded to an even length so that each row starts on a word.
+        let pack16 = |bits: Vec<u16>| -> Vec<u16> {
+            let mut out = vec![0u16; n * row_words * 2];
+            for r in 0..n {
+                out[r * row_words * 2..r * row_words * 2 + k]
+                    .copy_from_slice(&bits[r * k..(r + 1) * k]);
+            }
+            out
+        };
+        let (bytes, kind): (Vec<u8>, WeightKind) = match &w.data {
+            Data::F32(v) => (bytemuck::cast_slice(v).to_vec(), WeightKind::F32),
+            Data::F16(v) => (
+                bytemuck::cast_slice(&pack16(v.iter().map(|x| x.to_bits()).collect())).to_vec(),
+                WeightKind::F16,
+            ),
+            Data::Bf16(v) => (
+                bytemuck::cast_slice(&pack16(v.iter().map(|x| x.to_bits()).collect())).to_vec(),
+                WeightKind::Bf16,
+            ),
+        };
+        let buf = self.bytes_to_buf(&bytes).map_err(|e| {
+            err(format!(
+                "weight ({n}, {k}) of {} bytes: {e}; the adapter cannot bind it whole",
+                bytes.len()
+            ))
+        })?;
+        Ok(GpuWeight {
+            buf,
+            n,
+            k,
+            row_words,
+            kind,
+        })
+    }
+
+    fn zeros(&self, len: usize) -> Result<GpuBuf> {
+        let buf = self.buffer(len as u64 * 4)?;
+        self.with_encoder(|enc| enc.clear_buffer(buf.raw(), 0, None));
+        Ok(buf)
+    }
+
+    fn read(
+        &self,
+        ranges: &[(&GpuBuf, usize, usize)],
+    ) -> impl std::future::Future<Output = Result<Vec<Vec<f32>>>> {
+        let mut staged = vec![];
+        for &(src, off, len) in ranges {
+            if off + len > src.len {
+                return futures_ready(Err(err(format!(
+                    "read of {len} values at {off} from a buffer of {}",
+                    src.len
+                ))));
+            }
+            let size = (len as u64 * 4).max(4);
+            let stage = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            if len > 0 {
+                self.with_encoder(|enc| {
+                    enc.copy_buffer_to_buffer(src.raw(), off as u64 * 4, &stage, 0, len as u64 * 4)
+                });
+            }
+            staged.push((stage, len));
+        }
+        self.flush();
+        let device = self.device.clone();
+        let lost = self.lost.clone();
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(staged.len());
+            for (stage, len) in &staged {
+                let (tx, rx) = futures_channel::oneshot::channel();
+                stage.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx.send(r);
+                });
+                // Natively this waits for the GPU; in a browser it returns and the map resolves
+                // from the event loop.
+                #[cfg(not(target_arch = "wasm32"))]
+                device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| err(format!("device poll failed: {e}")))?;
+                rx.await
+                    .map_err(|_| err("the readback was dropped"))?
+                    .map_err(|e| err(format!("readback failed: {e}")))?;
+                let view = stage
+                    .slice(..)
+                    .get_mapped_range()
+                    .map_err(|e| err(format!("readback failed: {e}")))?;
+                out.push(bytemuck::pod_collect_to_vec::<u8, f32>(&view)[..*len].to_vec());
+                drop(view);
+                stage.unmap();
+            }
+            if let Some(e) = lost.lock().ok().and_then(|mut l| l.take()) {
+                return Err(err(format!("device error: {e}")));
+            }
+            Ok(out)
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Vec<f32>>>>>>
+    }
+
+    fn write(&self, dst: &mut GpuBuf, off: usize, data: &[f32]) -> Result<()> {
+        if off + data.len() > dst.len {
+            return Err(err(format!(
+                "write of {} values at {off} into a buffer of {}",
+                data.len(),
+                dst.len
+            )));
+        }
+        if !data.is_empty() {
+            self.flush();
+            self.queue
+                .write_buffer(dst.raw(), off as u64 * 4, bytemuck::cast_slice(data));
+        }
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        src: &GpuBuf,
+        src_off: usize,
+        dst: &mut GpuBuf,
+        dst_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        if src_off + len > src.len || dst_off + len > dst.len {
+            return Err(err("copy out of bounds"));
+        }
+        if len > 0 {
+            self.with_encoder(|enc| {
+                enc.copy_buffer_to_buffer(
+                    src.raw(),
+                    src_off as u64 * 4,
+                    dst.raw(),
+                    dst_off as u64 * 4,
+                    len as u64 * 4,
+                )
+            });
+        }
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        x: &GpuBuf,
+        w: &GpuWeight,
+        bias: Option<&GpuBuf>,
+        rows: usize,
+        out: &mut GpuBuf,
+    ) -> Result<()> {
+        if x.len < rows * w.k || out.len < rows * w.n {
+            return Err(err("matmul: buffers too small"));
+        }
+        let tiles_n = w.n.div_ceil(64);
+        let groups = rows.div_ceil(64) * tiles_n;
+        let define = match w.kind {
+            WeightKind::F32 => "W_F32",
+            WeightKind::F16 => "W_F16",
+            WeightKind::Bf16 => "W_BF16",
+        };
+        let params = [
+            u(rows)?,
+            u(w.n)?,
+            u(w.k)?,
+            u(w.row_words)?,
+            bias.is_some() as u32,
+            u(tiles_n)?,
+            u(groups)?,
+            0,
+        ];
+        self.dispatch(
+            shader::MATMUL,
+            "matmul",
+            &[(define, 1)],
+            &params,
+            &[
+                (1, x.raw()),
+                (2, w.buf.raw()),
+                (3, self.opt(bias)),
+                (4, out.raw()),
+            ],
+            u(groups)?,
+        )
+    }
+
+    fn conv(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &GpuBuf,
+        pack: &Pack<Self>,
+        pool: &mut GpuBuf,
+        snaps: Option<&mut GpuBuf>,
+        xbc: &mut GpuBuf,
+    ) -> Result<()> {
+        let cfg = &p.cfg;
+        let (cd, dc) = (cfg.conv_dim(), cfg.d_conv);
+        debug_assert!(dc <= MAX_D_CONV);
+        let rows = pack.rows();
+        let params = |count: usize| -> Result<[u32; 12]> {
+            Ok([
+                u(rows)?,
+                u(cd)?,
+                u(dc)?,
+                u(cfg.d_in_proj())?,
+                u(cfg.d_inner())?,
+                u(pack.seqs())?,
+                p.conv_bias.is_some() as u32,
+                u(count)?,
+                u(pack.snaps.len())?,
+                0,
+                0,
+                0,
+            ])
+        };
+        let dummy = self.dummy.raw();
+        let saved = snaps.map_or(dummy, |b| b.raw());
+        let binds = [
+            (1, zxbcdt.raw()),
+            (2, p.conv_weight.raw()),
+            (3, self.opt(p.conv_bias.as_ref())),
+            (4, pack.dev_cu.raw()),
+            (5, pack.dev_slots.raw()),
+            (6, pool.raw()),
+            (7, xbc.raw()),
+            (8, pack.dev_snaps.raw()),
+            (9, saved),
+        ];
+        let n = rows * cd;
+        self.dispatch(
+            shader::CONV,
+            "conv_seq",
+            &[],
+            &params(n)?,
+            &pick(&binds, &[1, 2, 3, 4, 5, 6, 7]),
+            groups_for(n)?,
+        )?;
+        if !pack.snaps.is_empty() && !std::ptr::eq(saved, dummy) {
+            let n = pack.snaps.len() * cd;
+            self.dispatch(
+                shader::CONV,
+                "conv_snap",
+                &[],
+                &params(n)?,
+                &pick(&binds, &[1, 4, 5, 6, 8, 9]),
+                groups_for(n)?,
+            )?;
+        }
+        let n = pack.seqs() * cd;
+        self.dispatch(
+            shader::CONV,
+            "conv_final",
+            &[],
+            &params(n)?,
+            &pick(&binds, &[1, 4, 5, 6]),
+            groups_for(n)?,
+        )
+    }
+
+    fn conv_update(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &GpuBuf,
+        dec: &Decode<Self>,
+        pool: &mut GpuBuf,
+        inter: Option<&mut GpuBuf>,
+        xbc: &mut GpuBuf,
+    ) -> Result<()> {
+        let cfg = &p.cfg;
+        let cd = cfg.conv_dim();
+        let n = dec.requests() * cd;
+        let params = [
+            u(dec.rows())?,
+            u(cd)?,
+            u(cfg.d_conv)?,
+            u(cfg.d_in_proj())?,
+            u(cfg.d_inner())?,
+            u(dec.requests())?,
+            p.conv_bias.is_some() as u32,
+            u(n)?,
+            0,
+            u(dec.stride)?,
+            0,
+            0,
+        ];
+        let saved = inter.map_or(self.dummy.raw(), |b| b.raw());
+        self.dispatch(
+            shader::CONV,
+            "conv_update",
+            &[],
+            &params,
+            &[
+                (1, zxbcdt.raw()),
+                (2, p.conv_weight.raw()),
+                (3, self.opt(p.conv_bias.as_ref())),
+                (4, dec.dev_cu.raw()),
+                (5, dec.dev_slots.raw()),
+                (6, pool.raw()),
+                (7, xbc.raw()),
+                (8, dec.dev_record.raw()),
+                (9, saved),
+            ],
+            groups_for(n)?,
+        )
+    }
+
+    fn ssd_scan(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &GpuBuf,
+        xbc: &GpuBuf,
+        pack: &Pack<Self>,
+        pool: &mut GpuBuf,
+        snaps: Option<&mut GpuBuf>,
+        y: &mut GpuBuf,
+    ) -> Result<()> {
+        let cfg = &p.cfg;
+        let (nh, hd, ds, ng) = (cfg.nheads(), cfg.headdim, cfg.d_state, cfg.ngroups);
+        let (rows, chunks, q) = (pack.rows(), pack.chunks(), cfg.chunk_size);
+        if rows == 0 {
+            // Nothing to scan: every sequence is empty and keeps its state.
+            return Ok(());
+        }
+        let dt = self.buffer((rows * nh * 4) as u64)?;
+        let cum = self.buffer((rows * nh * 4) as u64)?;
+        let cb = self.buffer((chunks * ng * q * q * 4) as u64)?;
+        let states = self.buffer((chunks * nh * hd * ds * 4) as u64)?;
+        let lim = dt_limits(cfg);
+        let params = |count: usize| -> Result<[u32; 20]> {
+            Ok([
+                u(rows)?,
+                u(nh)?,
+                u(hd)?,
+                u(ds)?,
+                u(ng)?,
+                u(cfg.conv_dim())?,
+                u(cfg.d_in_proj())?,
+                u(cfg.d_inner() + cfg.conv_dim())?,
+                u(q)?,
+                u(chunks)?,
+                u(pack.seqs())?,
+                u(count)?,
+                u(pack.snaps.len())?,
+                cfg.d_has_hdim as u32,
+                lim[0],
+                lim[1],
+                lim[2],
+                lim[3],
+                0,
+                0,
+            ])
+        };
+        let saved = snaps.map_or(self.dummy.raw(), |b| b.raw());
+        let all: [(u32, &wgpu::Buffer); 17] = [
+            (1, zxbcdt.raw()),
+            (2, xbc.raw()),
+            (3, p.dt_bias.raw()),
+            (4, p.a_log.raw()),
+            (5, p.d.raw()),
+            (6, pack.dev_cu.raw()),
+            (7, pack.dev_slots.raw()),
+            (8, pack.dev_seq_chunks.raw()),
+            (9, pack.dev_chunk_rows.raw()),
+            (10, pack.dev_snaps.raw()),
+            (11, dt.raw()),
+            (12, cum.raw()),
+            (13, cb.raw()),
+            (14, states.raw()),
+            (15, pool.raw()),
+            (16, saved),
+            (17, y.raw()),
+        ];
+        let sl = hd * ds;
+        let steps: [(&str, usize, &[u32]); 5] = [
+            ("ssd_dt", chunks * nh, &[1, 3, 4, 9, 11, 12]),
+            ("ssd_cb", chunks * ng * q * q, &[2, 9, 13]),
+            ("ssd_states", chunks * nh * sl, &[2, 9, 11, 12, 14]),
+            (
+                "ssd_pass",
+                pack.seqs() * nh * sl,
+                &[7, 8, 9, 10, 12, 14, 15, 16],
+            ),
+            ("ssd_out", rows * nh * hd, &[2, 5, 9, 11, 12, 13, 14, 17]),
+        ];
+        for (entry, n, keep) in steps {
+            self.dispatch(
+                shader::SSD,
+                entry,
+                &[],
+                &params(n)?,
+                &pick(&all, keep),
+                groups_for(n)?,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn state_update(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &GpuBuf,
+        xbc: &GpuBuf,
+        dec: &Decode<Self>,
+        pool: &mut GpuBuf,
+        inter: Option<&mut GpuBuf>,
+        y: &mut GpuBuf,
+    ) -> Result<()> {
+        let cfg = &p.cfg;
+        let (nh, hd, ds) = (cfg.nheads(), cfg.headdim, cfg.d_state);
+        let groups = dec.requests() * nh * hd;
+        let lim = dt_limits(cfg);
+        let params = [
+            u(nh)?,
+            u(hd)?,
+            u(ds)?,
+            u(cfg.ngroups)?,
+            u(cfg.conv_dim())?,
+            u(cfg.d_in_proj())?,
+            u(cfg.d_inner() + cfg.conv_dim())?,
+            u(dec.requests())?,
+            u(dec.stride)?,
+            cfg.d_has_hdim as u32,
+            lim[0],
+            lim[1],
+            lim[2],
+            lim[3],
+            u(groups)?,
+            0,
+        ];
+        let saved = inter.map_or(self.dummy.raw(), |b| b.raw());
+        let spt = u(ds.div_ceil(WG as usize))?;
+        self.dispatch(
+            shader::STATE_UPDATE,
+            "state_update",
+            &[("SPT", spt)],
+            &params,
+            &[
+                (1, zxbcdt.raw()),
+                (2, xbc.raw()),
+                (3, p.dt_bias.raw()),
+                (4, p.a_log.raw()),
+                (5, p.d.raw()),
+                (6, dec.dev_cu.raw()),
+                (7, dec.dev_slots.raw()),
+                (8, dec.dev_record.raw()),
+                (9, pool.raw()),
+                (10, saved),
+                (11, y.raw()),
+            ],
+            u(groups)?,
+        )
+    }
+
+    fn gated_norm(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &GpuBuf,
+        y: &GpuBuf,
+        rows: usize,
+        out: &mut GpuBuf,
+    ) -> Result<()> {
+        let cfg = &p.cfg;
+        let groups = rows * cfg.ngroups;
+        let params = [
+            u(cfg.d_inner())?,
+            u(cfg.d_in_proj())?,
+            u(cfg.ngroups)?,
+            cfg.norm_before_gate as u32,
+            p.norm_weight.is_some() as u32,
+            (cfg.norm_eps as f32).to_bits(),
+            u(groups)?,
+            0,
+        ];
+        let mut binds = vec![(1, zxbcdt.raw()), (2, y.raw()), (4, out.raw())];
+        if let Some(w) = &p.norm_weight {
+            binds.push((3, w.raw()));
+        }
+        self.dispatch(
+            shader::GATED_NORM,
+            "gated_norm",
+            &[],
+            &params,
+            &binds,
+            u(groups)?,
+        )
+    }
+}
+
+/// The bindings of `all` that an entry point uses (auto layouts hold only those).
+fn pick<'a>(all: &[(u32, &'a wgpu::Buffer)], keep: &[u32]) -> Vec<(u32, &'a wgpu::Buffer)> {
+    all.iter()
+        .filter(|(b, _)| keep.contains(b))
+        .copied()
+        .collect()
+}
+
+fn futures_ready(
+    r: Result<Vec<Vec<f32>>>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Vec<f32>>>>>> {
+    Box::pin(std::future::ready(r))
+}

@@ -1,0 +1,59 @@
+//! WGSL sources with defines: `#if NAME` / `#else` / `#endif` lines select code, and every define
+//! with a value also becomes a `const NAME: u32 = value;`. Pipelines are cached by
+//! (shader, entry point, defines).
+
+/// The shaders, one file per op family.
+pub const MATMUL: (&str, &str) = ("matmul", include_str!("../../../shaders/matmul.wgsl"));
+pub const CONV: (&str, &str) = ("conv", include_str!("../../../shaders/conv.wgsl"));
+pub const SSD: (&str, &str) = ("ssd", include_str!("../../../shaders/ssd.wgsl"));
+pub const STATE_UPDATE: (&str, &str) = (
+    "state_update",
+    include_str!("../../../shaders/state_update.wgsl"),
+);
+pub const GATED_NORM: (&str, &str) = (
+    "gated_norm",
+    include_str!("../../../shaders/gated_norm.wgsl"),
+);
+
+/// Expands `source` under `defines` (name, value; value 0 means off for `#if`).
+pub fn expand(source: &str, defines: &[(&str, u32)]) -> String {
+    let on = |name: &str| defines.iter().any(|&(n, v)| n == name && v != 0);
+    let mut out = String::with_capacity(source.len() + 256);
+    for (name, value) in defines {
+        out.push_str(&format!("const {name}: u32 = {value}u;\n"));
+    }
+    // A stack of (this branch is taken, the enclosing code is live).
+    let mut stack: Vec<(bool, bool)> = vec![];
+    let live = |stack: &[(bool, bool)]| stack.last().is_none_or(|&(taken, outer)| taken && outer);
+    for line in source.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("#if ") {
+            let outer = live(&stack);
+            stack.push((on(name.trim()), outer));
+        } else if t == "#else" {
+            if let Some(top) = stack.last_mut() {
+                top.0 = !top.0;
+            }
+        } else if t == "#endif" {
+            stack.pop();
+        } else if live(&stack) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand;
+
+    #[test]
+    fn nested_conditions_and_constants() {
+        let src = "a\n#if X\nb\n#if Y\nc\n#else\nd\n#endif\n#else\ne\n#endif\nf\n";
+        let got = expand(src, &[("X", 1), ("Y", 0)]);
+        assert_eq!(got, "const X: u32 = 1u;\nconst Y: u32 = 0u;\na\nb\nd\nf\n");
+        let got = expand(src, &[]);
+        assert_eq!(got, "a\ne\nf\n");
+    }
+}
