@@ -204,8 +204,7 @@ impl Inner {
     fn buffer(&self, bytes: u64) -> Result<GpuBuf> {
         // At least one word: zero-sized bindings are not allowed.
         let size = bytes.max(16).next_multiple_of(16);
-        if size > self.limits.max_storage_buffer_binding_size as u64
-            || size > self.limits.max_buffer_size
+        if size > self.limits.max_storage_buffer_binding_size || size > self.limits.max_buffer_size
         {
             return Err(err(format!(
                 "a buffer of {size} bytes exceeds the adapter's limit (max_storage_buffer_binding_size {}, max_buffer_size {})",
@@ -496,7 +495,7 @@ impl Backend for Wgpu {
                 return Err(err(format!("device error: {e}")));
             }
             Ok(out)
-        }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Vec<f32>>>>>>
+        }) as Readback
     }
 
     fn write(&self, dst: &mut GpuBuf, off: usize, data: &[f32]) -> Result<()> {
@@ -893,8 +892,9 @@ fn pick<'a>(all: &[(u32, &'a wgpu::Buffer)], keep: &[u32]) -> Vec<(u32, &'a wgpu
         .collect()
 }
 
-fn futures_ready(
-    r: Result<Vec<Vec<f32>>>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Vec<f32>>>>>> {
+/// The future of a readback.
+type Readback = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Vec<f32>>>>>>;
+
+fn futures_ready(r: Result<Vec<Vec<f32>>>) -> Readback {
     Box::pin(std::future::ready(r))
 }
