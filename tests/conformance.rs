@@ -6,7 +6,7 @@ mod common;
 
 use pollster::block_on;
 
-use common::{oracle, randn, random_weights, rel_l2, rng, widen};
+use common::{oracle, randn, random_weights, rel_l2, rng, widen, BACKENDS};
 use mamba_mixer::backend::Backend;
 use mamba_mixer::tensors::{FloatType, TensorFile};
 use mamba_mixer::{forward, Cpu, Input, Mixer, MixerConfig, Output, Path, Weights};
@@ -243,14 +243,10 @@ fn run<B: Backend>(
     block_on(forward(&m, input, path)).expect("forward")
 }
 
-/// Every backend built here; a new backend joins the suite by joining this list.
-fn backends() -> Vec<&'static str> {
-    vec!["cpu"]
-}
-
 fn run_on(backend: &str, cfg: &MixerConfig, w: &Weights, input: &Input, path: Path) -> Output {
     match backend {
         "cpu" => run(Cpu, cfg, w, input, path),
+        "wgpu" => run(common::wgpu(), cfg, w, input, path),
         other => panic!("unknown backend {other}"),
     }
 }
@@ -289,7 +285,7 @@ fn every_case_every_path_every_backend_matches_float64() {
             "{}: the oracle output is all zeros: the case proves nothing",
             c.name
         );
-        for backend in backends() {
+        for backend in BACKENDS {
             for path in PATHS {
                 let got = run_on(backend, &cfg, &w, &input, path);
                 let label = format!("{} / {backend} / {path}", c.name);
@@ -311,7 +307,7 @@ fn every_case_every_path_every_backend_matches_float64() {
         failures.len(),
         failures.join("\n")
     );
-    assert_eq!(ran, cases().len() * backends().len() * PATHS.len());
+    assert_eq!(ran, cases().len() * BACKENDS.len() * PATHS.len());
 }
 
 #[test]
@@ -321,7 +317,7 @@ fn every_path_equals_the_full_path() {
         let cfg = config(&c.cfg);
         let w = random_weights(&cfg, 3000 + i as u64, c.dtype);
         let inputs = Inputs::draw(&cfg, c, 4000 + i as u64);
-        for backend in backends() {
+        for backend in BACKENDS {
             let full = run_on(backend, &cfg, &w, &inputs.input(), Path::Full);
             for path in &PATHS[1..] {
                 let other = run_on(backend, &cfg, &w, &inputs.input(), *path);
@@ -398,7 +394,7 @@ fn golden_files_from_mamba_ssm() {
             &es,
             1e-5,
         ));
-        for backend in backends() {
+        for backend in BACKENDS {
             for p in PATHS {
                 let got = run_on(backend, &cfg, &w, &input, p);
                 failures.extend(check(

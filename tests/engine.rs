@@ -6,7 +6,7 @@ mod common;
 
 use pollster::block_on;
 
-use common::{oracle, randn, random_weights, rel_l2, rng};
+use common::{oracle, randn, random_weights, rel_l2, rng, BACKENDS};
 use mamba_mixer::backend::Backend;
 use mamba_mixer::tensors::FloatType;
 use mamba_mixer::{Cpu, Engine, EngineConfig, Input, Mixer, MixerConfig, Request, Weights, Work};
@@ -46,11 +46,6 @@ struct Sim {
     decode_left: usize,
 }
 
-/// Every backend built here (see tests/conformance.rs).
-fn backends() -> Vec<&'static str> {
-    vec!["cpu"]
-}
-
 #[test]
 fn random_schedules_match_the_per_request_full_sequence_reference() {
     let configs = [
@@ -58,12 +53,13 @@ fn random_schedules_match_the_per_request_full_sequence_reference() {
         r#"{"d_model": 32, "d_state": 8, "headdim": 8, "ngroups": 2, "d_conv": 3, "chunk_size": 4, "D_has_hdim": true}"#,
         r#"{"d_model": 32, "d_state": 16, "headdim": 8, "ngroups": 4, "d_conv": 2, "chunk_size": 16, "norm_before_gate": true, "bias": true}"#,
     ];
-    for backend in backends() {
+    for backend in BACKENDS {
         let mut seen = [0usize; 5];
         for trial in 0..12u64 {
             let cfg = config(configs[trial as usize % configs.len()]);
             let counts = match backend {
                 "cpu" => schedule(Cpu, &cfg, trial),
+                "wgpu" => schedule(common::wgpu(), &cfg, trial),
                 other => panic!("unknown backend {other}"),
             };
             seen.iter_mut().zip(counts).for_each(|(s, c)| *s += c);
@@ -273,9 +269,19 @@ fn small() -> (MixerConfig, Weights) {
 
 #[test]
 fn a_prompt_in_pieces_of_any_size_equals_the_whole_prompt() {
+    for backend in BACKENDS {
+        match backend {
+            "cpu" => a_prompt_in_pieces_of_any_size_equals_the_whole_prompt_on(Cpu),
+            "wgpu" => a_prompt_in_pieces_of_any_size_equals_the_whole_prompt_on(common::wgpu()),
+            other => panic!("unknown backend {other}"),
+        }
+    }
+}
+
+fn a_prompt_in_pieces_of_any_size_equals_the_whole_prompt_on<B: Backend>(backend: B) {
     let (cfg, w) = small();
     let d = cfg.d_model;
-    let m = Mixer::new(Cpu, &cfg, &w).unwrap();
+    let m = Mixer::new(backend, &cfg, &w).unwrap();
     let prompt = randn(&mut rng(3), 60 * d, 1.0);
     let (want, conv, ssm) = reference(&cfg, &w, &prompt);
     // 1, d_conv - 1, chunk_size, chunk_size + 1, and what is left.
@@ -322,9 +328,19 @@ fn a_prompt_in_pieces_of_any_size_equals_the_whole_prompt() {
 
 #[test]
 fn starting_from_a_snapshot_equals_recomputing_the_prefix() {
+    for backend in BACKENDS {
+        match backend {
+            "cpu" => starting_from_a_snapshot_equals_recomputing_the_prefix_on(Cpu),
+            "wgpu" => starting_from_a_snapshot_equals_recomputing_the_prefix_on(common::wgpu()),
+            other => panic!("unknown backend {other}"),
+        }
+    }
+}
+
+fn starting_from_a_snapshot_equals_recomputing_the_prefix_on<B: Backend>(backend: B) {
     let (cfg, w) = small();
     let d = cfg.d_model;
-    let m = Mixer::new(Cpu, &cfg, &w).unwrap();
+    let m = Mixer::new(backend, &cfg, &w).unwrap();
     let prefix = randn(&mut rng(4), 21 * d, 1.0);
     let suffix = randn(&mut rng(5), 13 * d, 1.0);
     let mut e = Engine::new(
@@ -382,9 +398,19 @@ fn pool_image<B: Backend>(e: &Engine<B>, slots: &[i32]) -> Vec<(Vec<f32>, Vec<f3
 
 #[test]
 fn bad_requests_are_refused_and_leave_the_pool_unchanged() {
+    for backend in BACKENDS {
+        match backend {
+            "cpu" => bad_requests_are_refused_and_leave_the_pool_unchanged_on(Cpu),
+            "wgpu" => bad_requests_are_refused_and_leave_the_pool_unchanged_on(common::wgpu()),
+            other => panic!("unknown backend {other}"),
+        }
+    }
+}
+
+fn bad_requests_are_refused_and_leave_the_pool_unchanged_on<B: Backend>(backend: B) {
     let (cfg, w) = small();
     let d = cfg.d_model;
-    let m = Mixer::new(Cpu, &cfg, &w).unwrap();
+    let m = Mixer::new(backend, &cfg, &w).unwrap();
     let mut e = Engine::new(
         &m,
         EngineConfig {

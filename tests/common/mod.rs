@@ -3,11 +3,29 @@
 
 #![allow(dead_code)]
 
+use mamba_mixer::backend::wgpu::{Wgpu, WgpuOptions};
 use mamba_mixer::tensors::{FloatType, HostTensor};
 use mamba_mixer::{Input, MixerConfig, Weights};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+
+thread_local! {
+    // Leaked: a device dropped during thread teardown would touch wgpu's own thread-locals
+    // after they are gone.
+    static WGPU: &'static Wgpu = Box::leak(Box::new(
+        pollster::block_on(Wgpu::new(WgpuOptions::default()))
+            .expect("the wgpu tests need a GPU adapter (tools/test.sh installs Mesa's lavapipe)"),
+    ));
+}
+
+/// This thread's wgpu device (one per test thread, shared by its mixers).
+pub fn wgpu() -> Wgpu {
+    WGPU.with(|w| (*w).clone())
+}
+
+/// Every backend built here; a new backend joins every suite by joining this list.
+pub const BACKENDS: [&str; 2] = ["cpu", "wgpu"];
 
 pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)

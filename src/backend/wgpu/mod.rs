@@ -118,8 +118,10 @@ pub struct Inner {
     pool: Rc<RefCell<Pool>>,
     /// A device error caught by the uncaptured-error handler, reported at the next readback.
     lost: std::sync::Arc<std::sync::Mutex<Option<String>>>,
-    /// A 16-byte buffer bound where an op has no tensor (a missing bias, no snapshots).
+    /// 16-byte buffers bound where an op has no tensor: one for read-only bindings (a missing
+    /// bias), one for writable ones (no snapshots); a dispatch may not use one buffer both ways.
     dummy: GpuBuf,
+    dummy_rw: GpuBuf,
 }
 
 impl Wgpu {
@@ -161,9 +163,9 @@ impl Wgpu {
             }
         }));
         let pool = Rc::new(RefCell::new(Pool::default()));
-        let dummy = GpuBuf {
+        let dummy = |label| GpuBuf {
             buf: Some(device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("dummy"),
+                label: Some(label),
                 size: 16,
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
@@ -171,6 +173,7 @@ impl Wgpu {
             len: 4,
             pool: pool.clone(),
         };
+        let (dummy, dummy_rw) = (dummy("dummy"), dummy("dummy_rw"));
         let info = adapter.get_info();
         let inner = Inner {
             adapter_name: info.name,
@@ -183,6 +186,7 @@ impl Wgpu {
             pool,
             lost,
             dummy,
+            dummy_rw,
         };
         Ok(Wgpu {
             inner: Rc::new(inner),
@@ -611,8 +615,7 @@ impl Backend for Wgpu {
                 0,
             ])
         };
-        let dummy = self.dummy.raw();
-        let saved = snaps.map_or(dummy, |b| b.raw());
+        let saved = snaps.map_or(self.dummy_rw.raw(), |b| b.raw());
         let binds = [
             (1, zxbcdt.raw()),
             (2, p.conv_weight.raw()),
@@ -633,7 +636,7 @@ impl Backend for Wgpu {
             &pick(&binds, &[1, 2, 3, 4, 5, 6, 7]),
             groups_for(n)?,
         )?;
-        if !pack.snaps.is_empty() && !std::ptr::eq(saved, dummy) {
+        if !pack.snaps.is_empty() && !std::ptr::eq(saved, self.dummy_rw.raw()) {
             let n = pack.snaps.len() * cd;
             self.dispatch(
                 shader::CONV,
@@ -681,7 +684,7 @@ impl Backend for Wgpu {
             0,
             0,
         ];
-        let saved = inter.map_or(self.dummy.raw(), |b| b.raw());
+        let saved = inter.map_or(self.dummy_rw.raw(), |b| b.raw());
         self.dispatch(
             shader::CONV,
             "conv_update",
@@ -748,7 +751,7 @@ impl Backend for Wgpu {
                 0,
             ])
         };
-        let saved = snaps.map_or(self.dummy.raw(), |b| b.raw());
+        let saved = snaps.map_or(self.dummy_rw.raw(), |b| b.raw());
         let all: [(u32, &wgpu::Buffer); 17] = [
             (1, zxbcdt.raw()),
             (2, xbc.raw()),
@@ -825,7 +828,7 @@ impl Backend for Wgpu {
             u(groups)?,
             0,
         ];
-        let saved = inter.map_or(self.dummy.raw(), |b| b.raw());
+        let saved = inter.map_or(self.dummy_rw.raw(), |b| b.raw());
         let spt = u(ds.div_ceil(WG as usize))?;
         self.dispatch(
             shader::STATE_UPDATE,
@@ -869,16 +872,17 @@ impl Backend for Wgpu {
             u(groups)?,
             0,
         ];
-        let mut binds = vec![(1, zxbcdt.raw()), (2, y.raw()), (4, out.raw())];
-        if let Some(w) = &p.norm_weight {
-            binds.push((3, w.raw()));
-        }
         self.dispatch(
             shader::GATED_NORM,
             "gated_norm",
             &[],
             &params,
-            &binds,
+            &[
+                (1, zxbcdt.raw()),
+                (2, y.raw()),
+                (3, self.opt(p.norm_weight.as_ref())),
+                (4, out.raw()),
+            ],
             u(groups)?,
         )
     }
