@@ -104,3 +104,69 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         }
     }
 }
+
+// Few rows (decode): one workgroup per 8 output columns, 32 threads per column striding over k
+// (a weight row is read once, coalesced), R rows (a define, at most 8) accumulated together.
+const COLS: u32 = 8u;
+const LANES: u32 = 32u;
+
+var<workgroup> red: array<array<f32, 256>, R>;
+
+@compute @workgroup_size(256, 1, 1)
+fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_id) lid: vec3<u32>) {
+    let g = wid.x + wid.y * nwg.x;
+    if (g >= p.groups) {
+        return;
+    }
+    let t = lid.x;
+    let lane = t % LANES;
+    let j = g * COLS + t / LANES;
+    var acc: array<f32, R>;
+    if (j < p.n) {
+#if W_F32
+        for (var kk = lane; kk < p.k; kk += LANES) {
+            let wv = w[j * p.k + kk];
+            for (var r = 0u; r < R; r++) {
+                acc[r] = fma(wv, x[r * p.k + kk], acc[r]);
+            }
+        }
+#else
+        for (var i = lane; i < p.row_words; i += LANES) {
+            let word = w[j * p.row_words + i];
+#if W_F16
+            let v = unpack2x16float(word);
+#else
+            let v = vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));
+#endif
+            let k0 = 2u * i;
+            for (var r = 0u; r < R; r++) {
+                // Rows of odd k are padded with a zero weight; x must not be read past its end.
+                let x1 = select(0.0, x[r * p.k + k0 + 1u], k0 + 1u < p.k);
+                acc[r] = fma(v.x, x[r * p.k + k0], fma(v.y, x1, acc[r]));
+            }
+        }
+#endif
+    }
+    for (var r = 0u; r < R; r++) {
+        red[r][t] = acc[r];
+    }
+    workgroupBarrier();
+    for (var off = LANES / 2u; off > 0u; off /= 2u) {
+        if (lane < off) {
+            for (var r = 0u; r < R; r++) {
+                red[r][t] += red[r][t + off];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (lane == 0u && j < p.n) {
+        for (var r = 0u; r < p.rows; r++) {
+            var v = red[r][t];
+            if (p.has_bias != 0u) {
+                v += bias[j];
+            }
+            out[r * p.n + j] = v;
+        }
+    }
+}

@@ -29,6 +29,34 @@ pub enum Command {
     Forward(ForwardArgs),
     /// Write Megatron-initialised weights for a config.
     Init(InitArgs),
+    /// Time prefill and decode steps (device timestamps where the backend has them).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A layer of shared/GPU.md: 2.7b or 130m (ignored with --config).
+    #[arg(long, default_value = "2.7b")]
+    pub layer: String,
+    /// A mixer config instead of --layer.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Kind,
+    /// Storage type of the weights: f32, f16 or bf16.
+    #[arg(long, default_value = "bf16", value_parser = FloatType::parse)]
+    pub dtype: FloatType,
+    /// Workloads: prefill:N (one request of N tokens), decode:B (B requests, one token),
+    /// spec:BxK (B requests of 1+K tokens).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "prefill:2048,prefill:8192,decode:1,decode:64,spec:16x3"
+    )]
+    pub cases: Vec<crate::bench::Case>,
+    /// Timed steps per case (after 3 warm-up steps).
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
 }
 
 #[derive(Args, Debug)]
@@ -77,6 +105,7 @@ pub fn run(cli: Cli) -> Result<String> {
     match cli.command {
         Command::Forward(a) => forward(&a),
         Command::Init(a) => init(&a),
+        Command::Bench(a) => bench(&a),
     }
 }
 
@@ -219,6 +248,53 @@ fn forward(a: &ForwardArgs) -> Result<String> {
         a.path,
         input.seq_len * input.batch
     ))
+}
+
+fn bench(a: &BenchArgs) -> Result<String> {
+    let (cfg, name) = match &a.config {
+        Some(path) => (read_config(path)?, path.display().to_string()),
+        None => (crate::bench::layer(&a.layer)?, a.layer.clone()),
+    };
+    let weights = Weights::init(&cfg, 0)?.cast(a.dtype);
+    let backend = pollster::block_on(a.backend.open())?;
+    let device = backend.name();
+    let rows = match backend {
+        Opened::Cpu(b) => bench_on(b, &cfg, &weights, a)?,
+        Opened::Wgpu(b) => bench_on(b, &cfg, &weights, a)?,
+    };
+    let mut out = format!(
+        "layer {name}, {:?} weights, backend {device}, {} timed steps per case\n\n\
+         | case | device us (sum of kernels) | wall us | kernels (device us) |\n|---|---|---|---|\n",
+        a.dtype, a.iters
+    );
+    for m in rows {
+        let kernels: Vec<String> = m
+            .kernels
+            .iter()
+            .map(|(k, us)| format!("{k} {us:.1}"))
+            .collect();
+        out.push_str(&format!(
+            "| {} | {} | {:.1} | {} |\n",
+            m.case,
+            m.device_us.map_or("-".into(), |us| format!("{us:.1}")),
+            m.wall_us,
+            kernels.join(", ")
+        ));
+    }
+    Ok(out)
+}
+
+fn bench_on<B: Backend>(
+    backend: B,
+    cfg: &MixerConfig,
+    w: &Weights,
+    a: &BenchArgs,
+) -> Result<Vec<crate::bench::Measured>> {
+    let m = Mixer::new(backend, cfg, w)?;
+    a.cases
+        .iter()
+        .map(|&case| pollster::block_on(crate::bench::measure(&m, case, a.iters)))
+        .collect()
 }
 
 fn run_path<B: Backend>(

@@ -3,12 +3,17 @@
 //! `graph` (the execution paths) -> `backend` ops.
 
 pub mod backend;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod bench;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod graph;
 pub mod model;
 pub mod tensors;
+#[cfg(target_arch = "wasm32")]
+pub mod web;
 pub mod weights;
 
 pub use backend::{cpu::Cpu, Backend};

@@ -199,6 +199,17 @@ pub trait Backend: Sized {
         y: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// Starts timing every kernel on the device; false when the backend cannot.
+    fn profile_start(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// The device time of each kernel read back since `profile_start` or the last call:
+    /// (kernel, nanoseconds).
+    fn profile_take(&self) -> Vec<(&'static str, f64)> {
+        vec![]
+    }
+
     /// The gate and the group-wise RMSNorm (in the configured order): `out (rows, d_inner)`.
     fn gated_norm(
         &self,

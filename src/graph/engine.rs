@@ -293,9 +293,11 @@ impl<'m, B: Backend> Engine<'m, B> {
             }
             (cu, hidden)
         };
-        // (requests, their row boundaries, the pass's output buffer) of each pass that ran.
-        let mut passes = vec![];
-        if !pre.is_empty() {
+        // Everything is uploaded before any pass is recorded, so that the whole step is one
+        // submission (a queue write must not overtake recorded work).
+        let prefill_in = if pre.is_empty() {
+            None
+        } else {
             let (cu, hidden) = gather(&pre);
             let mut snaps = vec![];
             for (seq, &i) in pre.iter().enumerate() {
@@ -309,24 +311,32 @@ impl<'m, B: Backend> Engine<'m, B> {
             }
             let slots = pre.iter().map(|&i| requests[i].slot).collect();
             let pk = pack(&m.backend, cu, slots, &snaps, m.config().chunk_size)?;
-            let h = m.backend.upload(&hidden)?;
-            let out = prefill(m, &h, &pk, &mut self.pool, self.snaps.states.as_mut())?;
-            passes.push((&pre, pk.cu, out));
-        }
-
-        if !dec.is_empty() {
+            Some((pk, m.backend.upload(&hidden)?))
+        };
+        let spec = |i: usize| match requests[i].work {
+            Work::Decode { spec } => spec,
+            Work::Prefill { .. } => 0,
+        };
+        let decode_in = if dec.is_empty() {
+            None
+        } else {
             let (cu, hidden) = gather(&dec);
             let slots: Vec<i32> = dec.iter().map(|&i| requests[i].slot).collect();
-            let spec = |i: usize| match requests[i].work {
-                Work::Decode { spec } => spec,
-                Work::Prefill { .. } => 0,
-            };
             let record = dec
                 .iter()
                 .map(|&i| if spec(i) > 0 { requests[i].slot } else { -1 })
                 .collect();
             let db = decode_batch(&m.backend, cu, slots, record, 1 + self.max_spec)?;
-            let h = m.backend.upload(&hidden)?;
+            Some((db, m.backend.upload(&hidden)?))
+        };
+
+        // (requests, their row boundaries, the pass's output buffer) of each pass that ran.
+        let mut passes = vec![];
+        if let Some((pk, h)) = prefill_in {
+            let out = prefill(m, &h, &pk, &mut self.pool, self.snaps.states.as_mut())?;
+            passes.push((&pre, pk.cu, out));
+        }
+        if let Some((db, h)) = decode_in {
             let out = decode(m, &h, &db, &mut self.pool, self.inter.as_mut())?;
             for &i in &dec {
                 if spec(i) > 0 && requests[i].slot >= 0 {

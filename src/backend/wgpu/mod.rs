@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 use crate::tensors::{Data, HostTensor};
 
 const WG: u32 = 64;
+/// Up to this many rows, a matmul is a matrix-vector product (decode).
+const MATVEC_ROWS: usize = 8;
 /// Most workgroups along one dispatch dimension.
 const MAX_GROUPS: u32 = 65535;
 
@@ -122,6 +124,17 @@ pub struct Inner {
     /// bias), one for writable ones (no snapshots); a dispatch may not use one buffer both ways.
     dummy: GpuBuf,
     dummy_rw: GpuBuf,
+    /// GPU timestamps around every dispatch, when profiling (adapters with TIMESTAMP_QUERY).
+    profiler: RefCell<Option<Profiler>>,
+    /// Per dispatch (entry point, nanoseconds) of the readbacks since the last `take_profile`.
+    profile: Rc<RefCell<Vec<(&'static str, f64)>>>,
+}
+
+/// Timestamp queries of the dispatches recorded since the last readback.
+struct Profiler {
+    set: wgpu::QuerySet,
+    capacity: u32,
+    entries: Vec<&'static str>,
 }
 
 impl Wgpu {
@@ -143,6 +156,7 @@ impl Wgpu {
         if opts.use_f16 && have.contains(wgpu::Features::SHADER_F16) {
             features |= wgpu::Features::SHADER_F16;
         }
+        features |= have & wgpu::Features::TIMESTAMP_QUERY;
         let limits = adapter.limits();
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -187,6 +201,8 @@ impl Wgpu {
             lost,
             dummy,
             dummy_rw,
+            profiler: RefCell::new(None),
+            profile: Rc::new(RefCell::new(vec![])),
         };
         Ok(Wgpu {
             inner: Rc::new(inner),
@@ -203,6 +219,38 @@ impl Inner {
     /// Whether the adapter runs on the CPU (lavapipe, SwiftShader, WARP).
     pub fn is_software(&self) -> bool {
         self.software
+    }
+
+    /// Starts timing every dispatch on the GPU (an error if the adapter has no timestamps).
+    pub fn start_profile(&self) -> Result<()> {
+        if !self
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        {
+            return Err(err(
+                "the adapter has no TIMESTAMP_QUERY: GPU times are not available",
+            ));
+        }
+        let capacity = 4096;
+        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: capacity,
+        });
+        *self.profiler.borrow_mut() = Some(Profiler {
+            set,
+            capacity,
+            entries: vec![],
+        });
+        self.profile.borrow_mut().clear();
+        Ok(())
+    }
+
+    /// The GPU time of each dispatch read back since `start_profile` or the last call:
+    /// (entry point, nanoseconds), in order.
+    pub fn take_profile(&self) -> Vec<(&'static str, f64)> {
+        std::mem::take(&mut *self.profile.borrow_mut())
     }
 
     fn buffer(&self, bytes: u64) -> Result<GpuBuf> {
@@ -300,7 +348,7 @@ impl Inner {
     fn dispatch(
         &self,
         shader: (&str, &str),
-        entry: &str,
+        entry: &'static str,
         defines: &[(&str, u32)],
         params: &[u32],
         bufs: &[(u32, &wgpu::Buffer)],
@@ -340,16 +388,59 @@ impl Inner {
                 "{entry}: {groups} workgroups is too many for one dispatch"
             )));
         }
+        let timing = self.profiler.borrow_mut().as_mut().and_then(|p| {
+            let at = 2 * p.entries.len() as u32;
+            (at + 2 <= p.capacity).then(|| {
+                p.entries.push(entry);
+                (p.set.clone(), at)
+            })
+        });
         self.with_encoder(|enc| {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(entry),
-                timestamp_writes: None,
+                timestamp_writes: timing.as_ref().map(|(set, at)| {
+                    wgpu::ComputePassTimestampWrites {
+                        query_set: set,
+                        beginning_of_pass_write_index: Some(*at),
+                        end_of_pass_write_index: Some(at + 1),
+                    }
+                }),
             });
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(x, y, 1);
         });
         Ok(())
+    }
+
+    /// Records the resolve of this submission's timestamps into a buffer to map, if profiling.
+    fn resolve_profile(&self) -> Option<(wgpu::Buffer, Vec<&'static str>)> {
+        let mut guard = self.profiler.borrow_mut();
+        let p = guard.as_mut()?;
+        if p.entries.is_empty() {
+            return None;
+        }
+        let entries = std::mem::take(&mut p.entries);
+        let bytes = 16 * entries.len() as u64;
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let stage = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let set = p.set.clone();
+        drop(guard);
+        self.with_encoder(|enc| {
+            enc.resolve_query_set(&set, 0..2 * entries.len() as u32, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &stage, 0, bytes);
+        });
+        Some((stage, entries))
     }
 
     fn opt<'a>(&'a self, b: Option<&'a GpuBuf>) -> &'a wgpu::Buffer {
@@ -436,6 +527,14 @@ impl Backend for Wgpu {
         })
     }
 
+    fn profile_start(&self) -> Result<bool> {
+        self.start_profile().map(|()| true)
+    }
+
+    fn profile_take(&self) -> Vec<(&'static str, f64)> {
+        self.take_profile()
+    }
+
     fn zeros(&self, len: usize) -> Result<GpuBuf> {
         let buf = self.buffer(len as u64 * 4)?;
         self.with_encoder(|enc| enc.clear_buffer(buf.raw(), 0, None));
@@ -468,9 +567,12 @@ impl Backend for Wgpu {
             }
             staged.push((stage, len));
         }
+        let timed = self.resolve_profile();
         self.flush();
         let device = self.device.clone();
         let lost = self.lost.clone();
+        let profile = self.profile.clone();
+        let period = self.queue.get_timestamp_period() as f64;
         Box::pin(async move {
             let mut out = Vec::with_capacity(staged.len());
             for (stage, len) in &staged {
@@ -494,6 +596,29 @@ impl Backend for Wgpu {
                 out.push(bytemuck::pod_collect_to_vec::<u8, f32>(&view)[..*len].to_vec());
                 drop(view);
                 stage.unmap();
+            }
+            if let Some((stage, entries)) = timed {
+                let (tx, rx) = futures_channel::oneshot::channel();
+                stage.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx.send(r);
+                });
+                #[cfg(not(target_arch = "wasm32"))]
+                device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| err(format!("device poll failed: {e}")))?;
+                rx.await
+                    .map_err(|_| err("the readback was dropped"))?
+                    .map_err(|e| err(format!("timestamp readback failed: {e}")))?;
+                let view = stage
+                    .slice(..)
+                    .get_mapped_range()
+                    .map_err(|e| err(format!("timestamp readback failed: {e}")))?;
+                let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&view);
+                let mut out = profile.borrow_mut();
+                for (i, entry) in entries.into_iter().enumerate() {
+                    let ns = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+                    out.push((entry, ns));
+                }
             }
             if let Some(e) = lost.lock().ok().and_then(|mut l| l.take()) {
                 return Err(err(format!("device error: {e}")));
@@ -554,12 +679,18 @@ impl Backend for Wgpu {
         if x.len < rows * w.k || out.len < rows * w.n {
             return Err(err("matmul: buffers too small"));
         }
-        let tiles_n = w.n.div_ceil(64);
-        let groups = rows.div_ceil(64) * tiles_n;
         let define = match w.kind {
             WeightKind::F32 => "W_F32",
             WeightKind::F16 => "W_F16",
             WeightKind::Bf16 => "W_BF16",
+        };
+        // Few rows read the weight once with a reduction per column; more rows share tiles.
+        let few = rows <= MATVEC_ROWS;
+        let tiles_n = w.n.div_ceil(64);
+        let groups = if few {
+            w.n.div_ceil(8)
+        } else {
+            rows.div_ceil(64) * tiles_n
         };
         let params = [
             u(rows)?,
@@ -571,10 +702,15 @@ impl Backend for Wgpu {
             u(groups)?,
             0,
         ];
+        let (entry, r) = if few {
+            ("matvec", u(rows.max(1))?)
+        } else {
+            ("matmul", 1)
+        };
         self.dispatch(
             shader::MATMUL,
-            "matmul",
-            &[(define, 1)],
+            entry,
+            &[(define, 1), ("R", r)],
             &params,
             &[
                 (1, x.raw()),
