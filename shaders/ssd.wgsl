@@ -1,11 +1,14 @@
 // The SSD chunked scan over packed sequences, in five kernels:
 //   ssd_dt      per (chunk, head): dt = softplus(dt + dt_bias) clamped, and the chunk's cumulative
 //               dA = cumsum(dt * A);
-//   ssd_cb      per (chunk, group, m, k): CB[m, k] = C_m . B_k (k <= m);
-//   ssd_states  per (chunk, head, p, s): the chunk's own state sum_k exp(dA_last - dA_k) dt_k x_k B_k;
+//   ssd_mm MODE=1 (cb)      per (chunk, group): CB = C B^T, a (Q x d_state)(d_state x Q) product;
+//   ssd_mm MODE=2 (states)  per (chunk, head): the chunk's own state
+//               S[p, s] = sum_k exp(dA_last - dA_k) dt_k x_k[p] B_k[s];
 //   ssd_pass    per (sequence, head, p, s): the state entering each chunk, passed chunk to chunk from
 //               the slot's state; the final state back to the slot, snapshots on the way;
-//   ssd_out     per (row, head, p): y = exp(dA_m) C_m . s_in + sum_k CB[m,k] exp(dA_m - dA_k) dt_k x_k + D x_m.
+//   ssd_mm MODE=3 (out)     per (chunk, head):
+//               y_m = exp(dA_m) C_m . s_in + sum_{k<=m} CB[m,k] exp(dA_m - dA_k) dt_k x_k + D x_m.
+// The three products share one tiled kernel: 64x64 outputs per workgroup, 16x16 threads of 4x4.
 
 struct Params {
     rows: u32,
@@ -111,53 +114,6 @@ fn ssd_dt(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 }
 
 @compute @workgroup_size(64, 1, 1)
-fn ssd_cb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_id) lid: vec3<u32>) {
-    let id = index(wid, nwg, lid);
-    if (id >= p.count) {
-        return;
-    }
-    let qq = p.q * p.q;
-    let c = id / (p.ng * qq);
-    let g = (id / qq) % p.ng;
-    let m = (id % qq) / p.q;
-    let k = id % p.q;
-    let r0 = u32(chunk_rows[c]);
-    let len = u32(chunk_rows[c + 1u]) - r0;
-    var acc = 0.0;
-    if (k <= m && m < len) {
-        for (var s = 0u; s < p.ds; s++) {
-            acc = fma(c_at(r0 + m, g, s), b_at(r0 + k, g, s), acc);
-        }
-    }
-    cb[id] = acc;
-}
-
-@compute @workgroup_size(64, 1, 1)
-fn ssd_states(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_id) lid: vec3<u32>) {
-    let id = index(wid, nwg, lid);
-    if (id >= p.count) {
-        return;
-    }
-    let sl = p.hd * p.ds;
-    let c = id / (p.nh * sl);
-    let h = (id / sl) % p.nh;
-    let pi = (id % sl) / p.ds;
-    let s = id % p.ds;
-    let g = h / (p.nh / p.ng);
-    let r0 = u32(chunk_rows[c]);
-    let r1 = u32(chunk_rows[c + 1u]);
-    let last = cum[(r1 - 1u) * p.nh + h];
-    var acc = 0.0;
-    for (var r = r0; r < r1; r++) {
-        let w = exp(last - cum[r * p.nh + h]) * dt[r * p.nh + h];
-        acc = fma(w * xbc[r * p.cd + h * p.hd + pi], b_at(r, g, s), acc);
-    }
-    states[id] = acc;
-}
-
-@compute @workgroup_size(64, 1, 1)
 fn ssd_pass(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_id) lid: vec3<u32>) {
     let id = index(wid, nwg, lid);
@@ -190,36 +146,208 @@ fn ssd_pass(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     }
 }
 
-@compute @workgroup_size(64, 1, 1)
-fn ssd_out(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-           @builtin(local_invocation_id) lid: vec3<u32>) {
-    let id = index(wid, nwg, lid);
-    if (id >= p.count) {
+const TILE: u32 = 64u;
+const KT: u32 = 16u;
+
+var<workgroup> at: array<array<f32, 65>, 16>;
+var<workgroup> bt: array<array<f32, 65>, 16>;
+
+// What one workgroup computes: chunk c, head h (group g), the tile's first output row i0 and
+// column j0, and its sizes.
+struct Tile {
+    c: u32,
+    h: u32,
+    g: u32,
+    i0: u32,
+    j0: u32,
+    r0: u32,
+    len: u32,
+}
+
+fn tile_of(gid: u32) -> Tile {
+    var t: Tile;
+    // Tiles along i and j of one (chunk, head or group) product.
+#if MODE_CB
+    let ti = (p.q + TILE - 1u) / TILE;
+    let tj = ti;
+    let per = p.ng;
+#else
+#if MODE_STATES
+    let ti = (p.hd + TILE - 1u) / TILE;
+    let tj = (p.ds + TILE - 1u) / TILE;
+#else
+    let ti = (p.q + TILE - 1u) / TILE;
+    let tj = (p.hd + TILE - 1u) / TILE;
+#endif
+    let per = p.nh;
+#endif
+    let tiles = ti * tj;
+    t.c = gid / (per * tiles);
+    let hg = (gid / tiles) % per;
+    t.i0 = ((gid % tiles) / tj) * TILE;
+    t.j0 = (gid % tj) * TILE;
+#if MODE_CB
+    t.g = hg;
+    t.h = 0u;
+#else
+    t.h = hg;
+    t.g = hg / (p.nh / p.ng);
+#endif
+    t.r0 = u32(chunk_rows[t.c]);
+    t.len = u32(chunk_rows[t.c + 1u]) - t.r0;
+    return t;
+}
+
+// The K extent of the product, and of its second phase (MODE_OUT: the inter-chunk term over
+// d_state first, then the intra-chunk term over the chunk's rows up to the tile's last row).
+fn k_extent(t: Tile, phase: u32) -> u32 {
+#if MODE_CB
+    return p.ds;
+#else
+#if MODE_STATES
+    return t.len;
+#else
+    if (phase == 0u) {
+        return p.ds;
+    }
+    return min(t.len, t.i0 + TILE);
+#endif
+#endif
+}
+
+// Operand A (i, k) and B (k, j) of the product.
+fn load_a(t: Tile, phase: u32, i: u32, k: u32) -> f32 {
+#if MODE_CB
+    if (i >= t.len) {
+        return 0.0;
+    }
+    return c_at(t.r0 + i, t.g, k);
+#else
+#if MODE_STATES
+    if (i >= p.hd) {
+        return 0.0;
+    }
+    let r = t.r0 + k;
+    let last = cum[(t.r0 + t.len - 1u) * p.nh + t.h];
+    let w = exp(last - cum[r * p.nh + t.h]) * dt[r * p.nh + t.h];
+    return w * xbc[r * p.cd + t.h * p.hd + i];
+#else
+    if (i >= t.len) {
+        return 0.0;
+    }
+    let cm = cum[(t.r0 + i) * p.nh + t.h];
+    if (phase == 0u) {
+        return exp(cm) * c_at(t.r0 + i, t.g, k);
+    }
+    if (k > i) {
+        return 0.0;
+    }
+    let cbv = cb[((t.c * p.ng + t.g) * p.q + i) * p.q + k];
+    return cbv * exp(cm - cum[(t.r0 + k) * p.nh + t.h]) * dt[(t.r0 + k) * p.nh + t.h];
+#endif
+#endif
+}
+
+fn load_b(t: Tile, phase: u32, k: u32, j: u32) -> f32 {
+#if MODE_CB
+    if (j >= t.len) {
+        return 0.0;
+    }
+    return b_at(t.r0 + j, t.g, k);
+#else
+#if MODE_STATES
+    if (j >= p.ds) {
+        return 0.0;
+    }
+    return b_at(t.r0 + k, t.g, j);
+#else
+    if (j >= p.hd) {
+        return 0.0;
+    }
+    if (phase == 0u) {
+        // The state entering the chunk, (p, s) at (j, k).
+        return states[((t.c * p.nh + t.h) * p.hd + j) * p.ds + k];
+    }
+    return xbc[(t.r0 + k) * p.cd + t.h * p.hd + j];
+#endif
+#endif
+}
+
+fn store(t: Tile, i: u32, j: u32, v: f32) {
+#if MODE_CB
+    if (i < p.q && j < p.q) {
+        cb[((t.c * p.ng + t.g) * p.q + i) * p.q + j] = v;
+    }
+#else
+#if MODE_STATES
+    if (i < p.hd && j < p.ds) {
+        states[((t.c * p.nh + t.h) * p.hd + i) * p.ds + j] = v;
+    }
+#else
+    if (i < t.len && j < p.hd) {
+        let r = t.r0 + i;
+        var dv = dvec[t.h];
+        if (p.d_hdim != 0u) {
+            dv = dvec[t.h * p.hd + j];
+        }
+        let x = xbc[r * p.cd + t.h * p.hd + j];
+        y[r * p.nh * p.hd + t.h * p.hd + j] = fma(dv, x, v);
+    }
+#endif
+#endif
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_id) lid: vec3<u32>) {
+    let gid = wid.x + wid.y * nwg.x;
+    if (gid >= p.count) {
         return;
     }
-    let di = p.nh * p.hd;
-    let r = id / di;
-    let h = (id % di) / p.hd;
-    let pi = id % p.hd;
-    let g = h / (p.nh / p.ng);
-    let c = chunk_of(r);
-    let r0 = u32(chunk_rows[c]);
-    let cm = cum[r * p.nh + h];
-    // The state entering the chunk, seen through C_m.
-    let sbase = ((c * p.nh + h) * p.hd + pi) * p.ds;
-    var inter = 0.0;
-    for (var s = 0u; s < p.ds; s++) {
-        inter = fma(c_at(r, g, s), states[sbase + s], inter);
+    let t = tile_of(gid);
+    let th = lid.y * 16u + lid.x;
+    var acc: array<array<f32, 4>, 4>;
+#if MODE_OUT
+    let phases = 2u;
+#else
+    let phases = 1u;
+#endif
+    for (var phase = 0u; phase < phases; phase++) {
+        let kn = k_extent(t, phase);
+        for (var k0 = 0u; k0 < kn; k0 += KT) {
+            for (var e = 0u; e < 4u; e++) {
+                let idx = th + e * 256u;
+                let row = idx / KT;
+                let kk = idx % KT;
+                var av = 0.0;
+                var bv = 0.0;
+                if (k0 + kk < kn) {
+                    av = load_a(t, phase, t.i0 + row, k0 + kk);
+                    bv = load_b(t, phase, k0 + kk, t.j0 + row);
+                }
+                at[kk][row] = av;
+                bt[kk][row] = bv;
+            }
+            workgroupBarrier();
+            for (var kk = 0u; kk < KT; kk++) {
+                var a: array<f32, 4>;
+                var b: array<f32, 4>;
+                for (var e = 0u; e < 4u; e++) {
+                    a[e] = at[kk][lid.y + e * 16u];
+                    b[e] = bt[kk][lid.x + e * 16u];
+                }
+                for (var e = 0u; e < 4u; e++) {
+                    for (var f = 0u; f < 4u; f++) {
+                        acc[e][f] = fma(a[e], b[f], acc[e][f]);
+                    }
+                }
+            }
+            workgroupBarrier();
+        }
     }
-    var acc = exp(cm) * inter;
-    let cbase = ((c * p.ng + g) * p.q + (r - r0)) * p.q;
-    for (var k = r0; k <= r; k++) {
-        let w = cb[cbase + (k - r0)] * exp(cm - cum[k * p.nh + h]) * dt[k * p.nh + h];
-        acc = fma(w, xbc[k * p.cd + h * p.hd + pi], acc);
+    for (var e = 0u; e < 4u; e++) {
+        for (var f = 0u; f < 4u; f++) {
+            store(t, t.i0 + lid.y + e * 16u, t.j0 + lid.x + f * 16u, acc[e][f]);
+        }
     }
-    var dv = dvec[h];
-    if (p.d_hdim != 0u) {
-        dv = dvec[h * p.hd + pi];
-    }
-    y[r * di + h * p.hd + pi] = fma(dv, xbc[r * p.cd + h * p.hd + pi], acc);
 }

@@ -908,28 +908,25 @@ impl Backend for Wgpu {
             (17, y.raw()),
         ];
         let sl = hd * ds;
-        let steps: [(&str, usize, &[u32]); 5] = [
-            ("ssd_dt", chunks * nh, &[1, 3, 4, 9, 11, 12]),
-            ("ssd_cb", chunks * ng * q * q, &[2, 9, 13]),
-            ("ssd_states", chunks * nh * sl, &[2, 9, 11, 12, 14]),
-            (
-                "ssd_pass",
-                pack.seqs() * nh * sl,
-                &[7, 8, 9, 10, 12, 14, 15, 16],
-            ),
-            ("ssd_out", rows * nh * hd, &[2, 5, 9, 11, 12, 13, 14, 17]),
-        ];
-        for (entry, n, keep) in steps {
+        let t = |n: usize| n.div_ceil(64);
+        let mm = |mode: &'static str, groups: usize, keep: &[u32]| -> Result<()> {
             self.dispatch(
                 shader::SSD,
-                entry,
-                &[],
-                &params(n)?,
+                "ssd_mm",
+                &[(mode, 1)],
+                &params(groups)?,
                 &pick(&all, keep),
-                groups_for(n)?,
-            )?;
-        }
-        Ok(())
+                u(groups)?,
+            )
+        };
+        let threads = |entry: &'static str, n: usize, keep: &[u32]| -> Result<()> {
+            self.dispatch(shader::SSD, entry, &[], &params(n)?, &pick(&all, keep), groups_for(n)?)
+        };
+        threads("ssd_dt", chunks * nh, &[1, 3, 4, 9, 11, 12])?;
+        mm("MODE_CB", chunks * ng * t(q) * t(q), &[2, 9, 13])?;
+        mm("MODE_STATES", chunks * nh * t(hd) * t(ds), &[2, 9, 11, 12, 14])?;
+        threads("ssd_pass", pack.seqs() * nh * sl, &[7, 8, 9, 10, 12, 14, 15, 16])?;
+        mm("MODE_OUT", chunks * nh * t(q) * t(hd), &[2, 5, 9, 11, 12, 13, 14, 17])
     }
 
     fn state_update(
