@@ -37,6 +37,9 @@ fn value(r: u32, i: u32) -> f32 {
 
 @compute @workgroup_size(64, 1, 1)
 fn gated_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+#if SUBGROUPS
+              @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32,
+#endif
               @builtin(local_invocation_id) lid: vec3<u32>) {
     let gid = wid.x + wid.y * nwg.x;
     if (gid >= p.groups) {
@@ -58,6 +61,18 @@ fn gated_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         let v = value(r, i);
         acc = fma(v, v, acc);
     }
+#if SUBGROUPS
+    // Subgroup sums, then one value per subgroup.
+    let part = subgroupAdd(acc);
+    if (lane == 0u) {
+        partial[t / width] = part;
+    }
+    workgroupBarrier();
+    var total = 0.0;
+    for (var i = 0u; i < WG / width; i++) {
+        total += partial[i];
+    }
+#else
     partial[t] = acc;
     workgroupBarrier();
     for (var half = WG / 2u; half > 0u; half /= 2u) {
@@ -66,7 +81,9 @@ fn gated_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         }
         workgroupBarrier();
     }
-    let inv = inverseSqrt(partial[0] / f32(gs) + p.eps);
+    let total = partial[0];
+#endif
+    let inv = inverseSqrt(total / f32(gs) + p.eps);
     for (var i = i0 + t; i < i0 + gs; i += WG) {
         let n = value(r, i) * inv * weight[i];
         if (p.before == 0u) {

@@ -18,7 +18,12 @@ struct Params {
 #if W_F32
 @group(0) @binding(2) var<storage, read> w: array<f32>;
 #else
+#if F16_NATIVE
+// SHADER_F16: the f16 pairs are read as what they are.
+@group(0) @binding(2) var<storage, read> w: array<vec2<f16>>;
+#else
 @group(0) @binding(2) var<storage, read> w: array<u32>;
+#endif
 #endif
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
@@ -27,12 +32,17 @@ fn wload(j: u32, kk: u32) -> f32 {
 #if W_F32
     return w[j * p.k + kk];
 #else
+#if F16_NATIVE
+    let v = vec2<f32>(w[j * p.row_words + kk / 2u]);
+    return select(v.x, v.y, (kk & 1u) == 1u);
+#else
     let word = w[j * p.row_words + kk / 2u];
 #if W_F16
     let v = unpack2x16float(word);
     return select(v.x, v.y, (kk & 1u) == 1u);
 #else
     return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (kk & 1u) == 1u));
+#endif
 #endif
 #endif
 }
@@ -133,11 +143,15 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         }
 #else
         for (var i = lane; i < p.row_words; i += LANES) {
+#if F16_NATIVE
+            let v = vec2<f32>(w[j * p.row_words + i]);
+#else
             let word = w[j * p.row_words + i];
 #if W_F16
             let v = unpack2x16float(word);
 #else
             let v = vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));
+#endif
 #endif
             let k0 = 2u * i;
             for (var r = 0u; r < R; r++) {

@@ -53,7 +53,20 @@ fn dt_of(raw: f32, h: u32) -> f32 {
     return d;
 }
 
-fn reduce(v: f32, t: u32) -> f32 {
+// The sum over the workgroup (every thread gets it): subgroup sums and then one value per
+// subgroup where the adapter has subgroups, a tree in workgroup memory where it has not.
+fn reduce(v: f32, t: u32, lane: u32, width: u32) -> f32 {
+#if SUBGROUPS
+    let part = subgroupAdd(v);
+    if (lane == 0u) {
+        partial[t / width] = part;
+    }
+    workgroupBarrier();
+    var total = 0.0;
+    for (var i = 0u; i < WG / width; i++) {
+        total += partial[i];
+    }
+#else
     partial[t] = v;
     workgroupBarrier();
     for (var half = WG / 2u; half > 0u; half /= 2u) {
@@ -63,13 +76,22 @@ fn reduce(v: f32, t: u32) -> f32 {
         workgroupBarrier();
     }
     let total = partial[0];
+#endif
     workgroupBarrier();
     return total;
 }
 
 @compute @workgroup_size(64, 1, 1)
 fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+#if SUBGROUPS
+                @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32,
+#endif
                 @builtin(local_invocation_id) lid: vec3<u32>) {
+#if SUBGROUPS
+#else
+    let lane = 0u;
+    let width = 1u;
+#endif
     let gid = wid.x + wid.y * nwg.x;
     // Uniform across the workgroup, so the barriers below stay uniform.
     if (gid >= p.groups) {
@@ -116,7 +138,7 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
                 }
             }
         }
-        let total = reduce(acc, t);
+        let total = reduce(acc, t, lane, width);
         if (t == 0u) {
             y[r * p.nh * p.hd + h * p.hd + pi] = fma(dv, x, total);
         }

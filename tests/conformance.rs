@@ -247,6 +247,7 @@ fn run_on(backend: &str, cfg: &MixerConfig, w: &Weights, input: &Input, path: Pa
     match backend {
         "cpu" => run(Cpu, cfg, w, input, path),
         "wgpu" => run(common::wgpu(), cfg, w, input, path),
+        "wgpu-basic" => run(common::wgpu_basic(), cfg, w, input, path),
         other => panic!("unknown backend {other}"),
     }
 }

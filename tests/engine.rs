@@ -60,6 +60,7 @@ fn random_schedules_match_the_per_request_full_sequence_reference() {
             let counts = match backend {
                 "cpu" => schedule(Cpu, &cfg, trial),
                 "wgpu" => schedule(common::wgpu(), &cfg, trial),
+                "wgpu-basic" => schedule(common::wgpu_basic(), &cfg, trial),
                 other => panic!("unknown backend {other}"),
             };
             seen.iter_mut().zip(counts).for_each(|(s, c)| *s += c);
@@ -273,6 +274,9 @@ fn a_prompt_in_pieces_of_any_size_equals_the_whole_prompt() {
         match backend {
             "cpu" => a_prompt_in_pieces_of_any_size_equals_the_whole_prompt_on(Cpu),
             "wgpu" => a_prompt_in_pieces_of_any_size_equals_the_whole_prompt_on(common::wgpu()),
+            "wgpu-basic" => {
+                a_prompt_in_pieces_of_any_size_equals_the_whole_prompt_on(common::wgpu_basic())
+            }
             other => panic!("unknown backend {other}"),
         }
     }
@@ -332,6 +336,9 @@ fn starting_from_a_snapshot_equals_recomputing_the_prefix() {
         match backend {
             "cpu" => starting_from_a_snapshot_equals_recomputing_the_prefix_on(Cpu),
             "wgpu" => starting_from_a_snapshot_equals_recomputing_the_prefix_on(common::wgpu()),
+            "wgpu-basic" => {
+                starting_from_a_snapshot_equals_recomputing_the_prefix_on(common::wgpu_basic())
+            }
             other => panic!("unknown backend {other}"),
         }
     }
@@ -402,6 +409,9 @@ fn bad_requests_are_refused_and_leave_the_pool_unchanged() {
         match backend {
             "cpu" => bad_requests_are_refused_and_leave_the_pool_unchanged_on(Cpu),
             "wgpu" => bad_requests_are_refused_and_leave_the_pool_unchanged_on(common::wgpu()),
+            "wgpu-basic" => {
+                bad_requests_are_refused_and_leave_the_pool_unchanged_on(common::wgpu_basic())
+            }
             other => panic!("unknown backend {other}"),
         }
     }

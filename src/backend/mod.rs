@@ -241,7 +241,17 @@ impl Opened {
     pub fn name(&self) -> String {
         match self {
             Opened::Cpu(_) => "cpu".into(),
-            Opened::Wgpu(w) => format!("wgpu ({})", w.adapter_name()),
+            Opened::Wgpu(w) => {
+                let (f16, subgroups) = w.features_in_use();
+                let mut name = format!("wgpu ({}", w.adapter_name());
+                for (on, feature) in [(f16, "shader-f16"), (subgroups, "subgroups")] {
+                    if on {
+                        name.push_str(", ");
+                        name.push_str(feature);
+                    }
+                }
+                name + ")"
+            }
         }
     }
 }

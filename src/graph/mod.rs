@@ -16,7 +16,7 @@ use crate::model::Mixer;
 /// Builds the host metadata of one prefill pass and uploads it once. Chunks start at every
 /// sequence start and every `chunk_size` tokens after it, and also end at every snapshot position
 /// `(seq, pos, dest)`, so that the scan's state at a chunk end is the snapshot.
-pub(crate) fn pack<B: Backend>(
+pub fn pack<B: Backend>(
     backend: &B,
     cu: Vec<i32>,
     slots: Vec<i32>,
@@ -68,7 +68,7 @@ pub(crate) fn pack<B: Backend>(
 }
 
 /// Builds and uploads the metadata of one decode pass.
-pub(crate) fn decode_batch<B: Backend>(
+pub fn decode_batch<B: Backend>(
     backend: &B,
     cu: Vec<i32>,
     slots: Vec<i32>,
@@ -94,7 +94,7 @@ fn split<B: Backend>(s: Option<&mut States<B>>) -> (Option<&mut B::Buf>, Option<
 }
 
 /// One prefill pass: `hidden (rows, d_model)` packed as `pack` says; returns `(rows, d_model)`.
-pub(crate) fn prefill<B: Backend>(
+pub fn prefill<B: Backend>(
     m: &Mixer<B>,
     hidden: &B::Buf,
     pack: &Pack<B>,
@@ -121,7 +121,7 @@ pub(crate) fn prefill<B: Backend>(
 }
 
 /// One decode pass: each request's tokens through the recurrence; returns `(rows, d_model)`.
-pub(crate) fn decode<B: Backend>(
+pub fn decode<B: Backend>(
     m: &Mixer<B>,
     hidden: &B::Buf,
     dec: &Decode<B>,

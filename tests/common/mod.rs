@@ -10,22 +10,32 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-thread_local! {
+fn open_wgpu(opts: WgpuOptions) -> &'static Wgpu {
     // Leaked: a device dropped during thread teardown would touch wgpu's own thread-locals
     // after they are gone.
-    static WGPU: &'static Wgpu = Box::leak(Box::new(
-        pollster::block_on(Wgpu::new(WgpuOptions::default()))
-            .expect("the wgpu tests need a GPU adapter (tools/test.sh installs Mesa's lavapipe)"),
-    ));
+    Box::leak(Box::new(pollster::block_on(Wgpu::new(opts)).expect(
+        "the wgpu tests need a GPU adapter (tools/test.sh installs Mesa's lavapipe)",
+    )))
 }
 
-/// This thread's wgpu device (one per test thread, shared by its mixers).
+thread_local! {
+    static WGPU: &'static Wgpu = open_wgpu(WgpuOptions::default());
+    static WGPU_BASIC: &'static Wgpu = open_wgpu(WgpuOptions { use_f16: false, use_subgroups: false });
+}
+
+/// This thread's wgpu device with every optional feature the adapter has (one per test thread,
+/// shared by its mixers).
 pub fn wgpu() -> Wgpu {
     WGPU.with(|w| (*w).clone())
 }
 
+/// The same adapter without SHADER_F16 and SUBGROUP: the fallbacks that some browsers take.
+pub fn wgpu_basic() -> Wgpu {
+    WGPU_BASIC.with(|w| (*w).clone())
+}
+
 /// Every backend built here; a new backend joins every suite by joining this list.
-pub const BACKENDS: [&str; 2] = ["cpu", "wgpu"];
+pub const BACKENDS: [&str; 3] = ["cpu", "wgpu", "wgpu-basic"];
 
 pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)

@@ -114,6 +114,10 @@ pub struct Inner {
     queue: wgpu::Queue,
     adapter_name: String,
     software: bool,
+    /// SHADER_F16 is on: f16 weights are read as f16 pairs.
+    f16: bool,
+    /// SUBGROUP is on: reductions use subgroup sums.
+    subgroups: bool,
     limits: wgpu::Limits,
     pipelines: RefCell<HashMap<String, Rc<wgpu::ComputePipeline>>>,
     encoder: RefCell<Option<wgpu::CommandEncoder>>,
@@ -190,6 +194,8 @@ impl Wgpu {
         let (dummy, dummy_rw) = (dummy("dummy"), dummy("dummy_rw"));
         let info = adapter.get_info();
         let inner = Inner {
+            f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
             adapter_name: info.name,
             software: info.device_type == wgpu::DeviceType::Cpu,
             device,
@@ -214,6 +220,11 @@ impl Inner {
     /// The adapter's name, e.g. "NVIDIA H200" or "llvmpipe (LLVM 15.0.6, 256 bits)".
     pub fn adapter_name(&self) -> &str {
         &self.adapter_name
+    }
+
+    /// The optional features in use: (SHADER_F16, SUBGROUP).
+    pub fn features_in_use(&self) -> (bool, bool) {
+        (self.f16, self.subgroups)
     }
 
     /// Whether the adapter runs on the CPU (lavapipe, SwiftShader, WARP).
@@ -707,10 +718,11 @@ impl Backend for Wgpu {
         } else {
             ("matmul", 1)
         };
+        let native = (w.kind == WeightKind::F16 && self.f16) as u32;
         self.dispatch(
             shader::MATMUL,
             entry,
-            &[(define, 1), ("R", r)],
+            &[(define, 1), ("R", r), ("F16_NATIVE", native)],
             &params,
             &[
                 (1, x.raw()),
@@ -920,13 +932,32 @@ impl Backend for Wgpu {
             )
         };
         let threads = |entry: &'static str, n: usize, keep: &[u32]| -> Result<()> {
-            self.dispatch(shader::SSD, entry, &[], &params(n)?, &pick(&all, keep), groups_for(n)?)
+            self.dispatch(
+                shader::SSD,
+                entry,
+                &[],
+                &params(n)?,
+                &pick(&all, keep),
+                groups_for(n)?,
+            )
         };
         threads("ssd_dt", chunks * nh, &[1, 3, 4, 9, 11, 12])?;
         mm("MODE_CB", chunks * ng * t(q) * t(q), &[2, 9, 13])?;
-        mm("MODE_STATES", chunks * nh * t(hd) * t(ds), &[2, 9, 11, 12, 14])?;
-        threads("ssd_pass", pack.seqs() * nh * sl, &[7, 8, 9, 10, 12, 14, 15, 16])?;
-        mm("MODE_OUT", chunks * nh * t(q) * t(hd), &[2, 5, 9, 11, 12, 13, 14, 17])
+        mm(
+            "MODE_STATES",
+            chunks * nh * t(hd) * t(ds),
+            &[2, 9, 11, 12, 14],
+        )?;
+        threads(
+            "ssd_pass",
+            pack.seqs() * nh * sl,
+            &[7, 8, 9, 10, 12, 14, 15, 16],
+        )?;
+        mm(
+            "MODE_OUT",
+            chunks * nh * t(q) * t(hd),
+            &[2, 5, 9, 11, 12, 13, 14, 17],
+        )
     }
 
     fn state_update(
@@ -966,7 +997,7 @@ impl Backend for Wgpu {
         self.dispatch(
             shader::STATE_UPDATE,
             "state_update",
-            &[("SPT", spt)],
+            &[("SPT", spt), ("SUBGROUPS", self.subgroups as u32)],
             &params,
             &[
                 (1, zxbcdt.raw()),
@@ -1008,7 +1039,7 @@ impl Backend for Wgpu {
         self.dispatch(
             shader::GATED_NORM,
             "gated_norm",
-            &[],
+            &[("SUBGROUPS", self.subgroups as u32)],
             &params,
             &[
                 (1, zxbcdt.raw()),

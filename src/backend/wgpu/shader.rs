@@ -15,10 +15,19 @@ pub const GATED_NORM: (&str, &str) = (
     include_str!("../../../shaders/gated_norm.wgsl"),
 );
 
-/// Expands `source` under `defines` (name, value; value 0 means off for `#if`).
+/// Expands `source` under `defines` (name, value; value 0 means off for `#if`). `F16_NATIVE`
+/// and `SUBGROUPS` also put their `enable` directive first where WGSL asks for it: `f16` always,
+/// `subgroups` in browsers only (naga takes subgroups from the device's features and refuses
+/// the directive).
 pub fn expand(source: &str, defines: &[(&str, u32)]) -> String {
     let on = |name: &str| defines.iter().any(|&(n, v)| n == name && v != 0);
     let mut out = String::with_capacity(source.len() + 256);
+    if on("F16_NATIVE") {
+        out.push_str("enable f16;\n");
+    }
+    if on("SUBGROUPS") && cfg!(target_arch = "wasm32") {
+        out.push_str("enable subgroups;\n");
+    }
     for (name, value) in defines {
         out.push_str(&format!("const {name}: u32 = {value}u;\n"));
     }

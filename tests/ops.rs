@@ -1,0 +1,316 @@
+//! Every op of every device backend against the CPU backend (llama.cpp's test-backend-ops): shapes
+//! drawn at random, non-multiples of the tile sizes included, packed sequences with padding slots
+//! and snapshots, decodes of several tokens with intermediate states.
+
+mod common;
+
+use common::{randn, random_weights, rel_l2, rng, widen};
+use mamba_mixer::backend::{Backend, Decode, Pack, States};
+use mamba_mixer::graph::{decode_batch, pack};
+use mamba_mixer::tensors::{FloatType, HostTensor};
+use mamba_mixer::{Cpu, Mixer, MixerConfig};
+use pollster::block_on;
+use rand::seq::IndexedRandom;
+use rand::Rng;
+
+const TOL: f64 = 1e-5;
+
+fn read<B: Backend>(b: &B, buf: &B::Buf, len: usize) -> Vec<f32> {
+    block_on(b.read(&[(buf, 0, len)])).unwrap().remove(0)
+}
+
+fn same(label: &str, got: &[f32], want: &[f32]) {
+    let e = rel_l2(got, &widen(want));
+    assert!(e <= TOL, "{label}: relative L2 error {e:.3e}");
+}
+
+/// A random small config whose sizes are not multiples of the kernels' tiles.
+fn random_config(r: &mut rand_chacha::ChaCha8Rng) -> MixerConfig {
+    let headdim = *[3usize, 8, 16, 24].choose(r).unwrap();
+    let ngroups = *[1usize, 2, 3].choose(r).unwrap();
+    let heads_per_group = r.random_range(1..=3);
+    let nheads = ngroups * heads_per_group;
+    let d_inner = nheads * headdim;
+    // expand 1 keeps d_model = d_inner, any size.
+    let text = format!(
+        r#"{{"d_model": {d_inner}, "expand": 1, "headdim": {headdim}, "ngroups": {ngroups},
+            "d_state": {}, "d_conv": {}, "chunk_size": {}, "D_has_hdim": {}, "bias": {},
+            "conv_bias": {}, "rmsnorm": {}, "norm_before_gate": {}, "dt_limit": [{}, {}]}}"#,
+        [5usize, 16, 33, 70].choose(r).unwrap(),
+        r.random_range(1..=4),
+        [1usize, 4, 16, 64, 128].choose(r).unwrap(),
+        r.random_bool(0.5),
+        r.random_bool(0.5),
+        r.random_bool(0.5),
+        r.random_bool(0.7),
+        r.random_bool(0.5),
+        if r.random_bool(0.3) { 0.01 } else { 0.0 },
+        if r.random_bool(0.3) { "0.2" } else { "null" },
+    );
+    MixerConfig::from_json(&text).unwrap()
+}
+
+/// Random packed sequences (some empty, some padding) with snapshots at random positions.
+fn random_pack(
+    r: &mut rand_chacha::ChaCha8Rng,
+    slots: usize,
+) -> (Vec<i32>, Vec<i32>, Vec<(usize, usize, usize)>) {
+    let n = r.random_range(1..=slots);
+    let mut cu = vec![0i32];
+    let mut ids: Vec<i32> = (0..slots as i32).collect();
+    let mut seq_slots = vec![];
+    let mut snaps = vec![];
+    for s in 0..n {
+        let len = *[0usize, 1, 2, 3, 7, 40, 130].choose(r).unwrap();
+        cu.push(cu[s] + len as i32);
+        let slot = if r.random_bool(0.2) {
+            -1
+        } else {
+            ids.remove(r.random_range(0..ids.len()))
+        };
+        seq_slots.push(slot);
+        if len > 0 && slot >= 0 && r.random_bool(0.5) {
+            snaps.push((s, r.random_range(1..=len), snaps.len()));
+        }
+    }
+    (cu, seq_slots, snaps)
+}
+
+fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
+    for trial in 0..trials {
+        let mut r = rng(900 + trial);
+        let cfg = random_config(&mut r);
+        let label = format!("trial {trial} ({})", serde_json::to_string(&cfg).unwrap());
+        let ty = *[FloatType::F32, FloatType::F16, FloatType::Bf16]
+            .choose(&mut r)
+            .unwrap();
+        let w = random_weights(&cfg, 40 + trial, ty);
+        let cpu = Mixer::new(Cpu, &cfg, &w).unwrap();
+        let gpu = Mixer::new(dev.clone(), &cfg, &w).unwrap();
+        let (cp, gp) = (&cpu.params, &gpu.params);
+        let (c, g) = (&cpu.backend, &gpu.backend);
+        let (dip, cd) = (cfg.d_in_proj(), cfg.conv_dim());
+        let (cl, sl) = (cfg.conv_state_len(), cfg.ssm_state_len());
+
+        // matmul: a random (n, k) weight in a random storage type, few and many rows.
+        for rows in [1usize, r.random_range(2..=8), r.random_range(9..200)] {
+            let (n, k) = (r.random_range(1..300), r.random_range(1..300));
+            let wt = HostTensor::f32(vec![n, k], randn(&mut r, n * k, 0.1)).cast(ty);
+            let x = randn(&mut r, rows * k, 1.0);
+            let bias = randn(&mut r, n, 0.1);
+            let with_bias = r.random_bool(0.5);
+            fn matmul<B: Backend>(
+                b: &B,
+                wt: &HostTensor,
+                x: &[f32],
+                bias: Option<&[f32]>,
+                rows: usize,
+            ) -> Vec<f32> {
+                let n = wt.shape[0];
+                let mut out = b.zeros(rows * n).unwrap();
+                let bias = bias.map(|v| b.upload(v).unwrap());
+                let (x, w) = (b.upload(x).unwrap(), b.upload_weight(wt).unwrap());
+                b.matmul(&x, &w, bias.as_ref(), rows, &mut out).unwrap();
+                read(b, &out, rows * n)
+            }
+            let bias = with_bias.then_some(&bias[..]);
+            same(
+                &format!("{label} matmul {rows}x{n}x{k} {ty:?}"),
+                &matmul(g, &wt, &x, bias, rows),
+                &matmul(c, &wt, &x, bias, rows),
+            );
+        }
+
+        // conv and ssd_scan over a random packing, starting from random pools.
+        let slots = 4;
+        let (cu, seq_slots, snaps) = random_pack(&mut r, slots);
+        let rows = cu[cu.len() - 1] as usize;
+        let zx = randn(&mut r, rows * dip, 1.0);
+        let xbc_in = randn(&mut r, rows * cd, 1.0);
+        let pool_conv = randn(&mut r, slots * cl, 1.0);
+        let pool_ssm = randn(&mut r, slots * sl, 0.5);
+        let nsnap = snaps.len().max(1);
+        type Run = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+        fn prefill_ops<B: Backend>(
+            b: &B,
+            p: &mamba_mixer::backend::Params<B>,
+            pk: &Pack<B>,
+            zx: &[f32],
+            xbc_in: &[f32],
+            pools: (&[f32], &[f32]),
+            nsnap: usize,
+            rows: usize,
+        ) -> Run {
+            let cfg = &p.cfg;
+            let (cd, di) = (cfg.conv_dim(), cfg.d_inner());
+            let (cl, sl) = (cfg.conv_state_len(), cfg.ssm_state_len());
+            let zxb = b.upload(zx).unwrap();
+            let mut pool: States<B> = States {
+                conv: b.upload(pools.0).unwrap(),
+                ssm: b.upload(pools.1).unwrap(),
+            };
+            let mut snap: States<B> = States {
+                conv: b.zeros(nsnap * cl).unwrap(),
+                ssm: b.zeros(nsnap * sl).unwrap(),
+            };
+            let mut xbc = b.zeros(rows * cd).unwrap();
+            b.conv(p, &zxb, pk, &mut pool.conv, Some(&mut snap.conv), &mut xbc)
+                .unwrap();
+            // The scan reads an independent random xBC so that its check does not lean on the conv.
+            let xin = b.upload(xbc_in).unwrap();
+            let mut y = b.zeros(rows * di).unwrap();
+            b.ssd_scan(
+                p,
+                &zxb,
+                &xin,
+                pk,
+                &mut pool.ssm,
+                Some(&mut snap.ssm),
+                &mut y,
+            )
+            .unwrap();
+            let slots = pools.0.len() / cl;
+            (
+                read(b, &xbc, rows * cd),
+                read(b, &pool.conv, slots * cl),
+                read(b, &snap.conv, nsnap * cl),
+                read(b, &y, rows * di),
+                read(b, &pool.ssm, slots * sl),
+                read(b, &snap.ssm, nsnap * sl),
+            )
+        }
+        let cpk = pack(c, cu.clone(), seq_slots.clone(), &snaps, cfg.chunk_size).unwrap();
+        let gpk = pack(g, cu.clone(), seq_slots.clone(), &snaps, cfg.chunk_size).unwrap();
+        let want = prefill_ops(
+            c,
+            cp,
+            &cpk,
+            &zx,
+            &xbc_in,
+            (&pool_conv, &pool_ssm),
+            nsnap,
+            rows,
+        );
+        let got = prefill_ops(
+            g,
+            gp,
+            &gpk,
+            &zx,
+            &xbc_in,
+            (&pool_conv, &pool_ssm),
+            nsnap,
+            rows,
+        );
+        let l = format!("{label} prefill cu {cu:?} slots {seq_slots:?} snaps {snaps:?}");
+        same(&format!("{l}: conv out"), &got.0, &want.0);
+        same(&format!("{l}: conv pool"), &got.1, &want.1);
+        same(&format!("{l}: conv snapshots"), &got.2, &want.2);
+        same(&format!("{l}: scan y"), &got.3, &want.3);
+        same(&format!("{l}: ssm pool"), &got.4, &want.4);
+        same(&format!("{l}: ssm snapshots"), &got.5, &want.5);
+
+        // conv_update and state_update: requests of 1..4 tokens, some recording intermediates.
+        let stride = 4;
+        let n = r.random_range(1..=slots);
+        let mut dcu = vec![0i32];
+        let mut dslots = vec![];
+        let mut record = vec![];
+        let mut free: Vec<i32> = (0..slots as i32).collect();
+        for i in 0..n {
+            dcu.push(dcu[i] + r.random_range(1..=stride as i32));
+            let slot = if r.random_bool(0.2) {
+                -1
+            } else {
+                free.remove(r.random_range(0..free.len()))
+            };
+            dslots.push(slot);
+            record.push(if slot >= 0 && r.random_bool(0.5) {
+                slot
+            } else {
+                -1
+            });
+        }
+        let drows = dcu[n] as usize;
+        let dzx = randn(&mut r, drows * dip, 1.0);
+        let dxbc = randn(&mut r, drows * cd, 1.0);
+        fn decode_ops<B: Backend>(
+            b: &B,
+            p: &mamba_mixer::backend::Params<B>,
+            dec: &Decode<B>,
+            zx: &[f32],
+            xbc_in: &[f32],
+            pools: (&[f32], &[f32]),
+            rows: usize,
+        ) -> Run {
+            let cfg = &p.cfg;
+            let (cd, di) = (cfg.conv_dim(), cfg.d_inner());
+            let (cl, sl) = (cfg.conv_state_len(), cfg.ssm_state_len());
+            let slots = pools.0.len() / cl;
+            let entries = slots * dec.stride;
+            let zxb = b.upload(zx).unwrap();
+            let mut pool: States<B> = States {
+                conv: b.upload(pools.0).unwrap(),
+                ssm: b.upload(pools.1).unwrap(),
+            };
+            let mut inter: States<B> = States {
+                conv: b.zeros(entries * cl).unwrap(),
+                ssm: b.zeros(entries * sl).unwrap(),
+            };
+            let mut xbc = b.zeros(rows * cd).unwrap();
+            b.conv_update(
+                p,
+                &zxb,
+                dec,
+                &mut pool.conv,
+                Some(&mut inter.conv),
+                &mut xbc,
+            )
+            .unwrap();
+            let xin = b.upload(xbc_in).unwrap();
+            let mut y = b.zeros(rows * di).unwrap();
+            b.state_update(
+                p,
+                &zxb,
+                &xin,
+                dec,
+                &mut pool.ssm,
+                Some(&mut inter.ssm),
+                &mut y,
+            )
+            .unwrap();
+            let mut gated = b.zeros(rows * di).unwrap();
+            b.gated_norm(p, &zxb, &y, rows, &mut gated).unwrap();
+            (
+                read(b, &xbc, rows * cd),
+                read(b, &pool.conv, slots * cl),
+                read(b, &inter.conv, entries * cl),
+                read(b, &y, rows * di),
+                read(b, &pool.ssm, slots * sl),
+                read(b, &gated, rows * di),
+            )
+        }
+        let cdec = decode_batch(c, dcu.clone(), dslots.clone(), record.clone(), stride).unwrap();
+        let gdec = decode_batch(g, dcu.clone(), dslots.clone(), record.clone(), stride).unwrap();
+        let want = decode_ops(c, cp, &cdec, &dzx, &dxbc, (&pool_conv, &pool_ssm), drows);
+        let got = decode_ops(g, gp, &gdec, &dzx, &dxbc, (&pool_conv, &pool_ssm), drows);
+        let l = format!("{label} decode cu {dcu:?} slots {dslots:?} record {record:?}");
+        same(&format!("{l}: conv_update out"), &got.0, &want.0);
+        same(&format!("{l}: conv_update pool"), &got.1, &want.1);
+        same(&format!("{l}: conv_update intermediates"), &got.2, &want.2);
+        same(&format!("{l}: state_update y"), &got.3, &want.3);
+        same(&format!("{l}: state_update pool"), &got.4, &want.4);
+        same(&format!("{l}: gated_norm"), &got.5, &want.5);
+    }
+}
+
+#[test]
+fn every_op_of_every_device_backend_matches_the_cpu() {
+    for backend in common::BACKENDS {
+        match backend {
+            "cpu" => {}
+            "wgpu" => ops_match_the_cpu(common::wgpu(), 12),
+            "wgpu-basic" => ops_match_the_cpu(common::wgpu_basic(), 12),
+            other => panic!("unknown backend {other}"),
+        }
+    }
+}
