@@ -118,6 +118,10 @@ pub trait Backend: Sized {
     fn upload_idx(&self, data: &[i32]) -> Result<Self::Idx>;
     fn upload_weight(&self, w: &HostTensor) -> Result<Self::Weight>;
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer whose contents are unspecified, for outputs that an op writes whole.
+    fn alloc(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
     /// Reads ranges `(buffer, offset, len)` back to the host. Everything recorded so far is
     /// submitted once and awaited (asynchronously: browsers cannot block).
     fn read(

@@ -105,7 +105,7 @@ pub fn prefill<B: Backend>(
     let cfg = &p.cfg;
     let rows = pack.rows();
     let (snap_conv, snap_ssm) = split(snaps);
-    let mut zxbcdt = b.zeros(rows * cfg.d_in_proj())?;
+    let mut zxbcdt = b.alloc(rows * cfg.d_in_proj())?;
     b.matmul(
         hidden,
         &p.in_proj,
@@ -113,9 +113,9 @@ pub fn prefill<B: Backend>(
         rows,
         &mut zxbcdt,
     )?;
-    let mut xbc = b.zeros(rows * cfg.conv_dim())?;
+    let mut xbc = b.alloc(rows * cfg.conv_dim())?;
     b.conv(p, &zxbcdt, pack, &mut pool.conv, snap_conv, &mut xbc)?;
-    let mut y = b.zeros(rows * cfg.d_inner())?;
+    let mut y = b.alloc(rows * cfg.d_inner())?;
     b.ssd_scan(p, &zxbcdt, &xbc, pack, &mut pool.ssm, snap_ssm, &mut y)?;
     finish(m, &zxbcdt, &y, rows)
 }
@@ -132,7 +132,7 @@ pub fn decode<B: Backend>(
     let cfg = &p.cfg;
     let rows = dec.rows();
     let (inter_conv, inter_ssm) = split(inter);
-    let mut zxbcdt = b.zeros(rows * cfg.d_in_proj())?;
+    let mut zxbcdt = b.alloc(rows * cfg.d_in_proj())?;
     b.matmul(
         hidden,
         &p.in_proj,
@@ -140,9 +140,9 @@ pub fn decode<B: Backend>(
         rows,
         &mut zxbcdt,
     )?;
-    let mut xbc = b.zeros(rows * cfg.conv_dim())?;
+    let mut xbc = b.alloc(rows * cfg.conv_dim())?;
     b.conv_update(p, &zxbcdt, dec, &mut pool.conv, inter_conv, &mut xbc)?;
-    let mut y = b.zeros(rows * cfg.d_inner())?;
+    let mut y = b.alloc(rows * cfg.d_inner())?;
     b.state_update(p, &zxbcdt, &xbc, dec, &mut pool.ssm, inter_ssm, &mut y)?;
     finish(m, &zxbcdt, &y, rows)
 }
@@ -151,9 +151,9 @@ pub fn decode<B: Backend>(
 fn finish<B: Backend>(m: &Mixer<B>, zxbcdt: &B::Buf, y: &B::Buf, rows: usize) -> Result<B::Buf> {
     let (b, p) = (&m.backend, &m.params);
     let cfg = &p.cfg;
-    let mut gated = b.zeros(rows * cfg.d_inner())?;
+    let mut gated = b.alloc(rows * cfg.d_inner())?;
     b.gated_norm(p, zxbcdt, y, rows, &mut gated)?;
-    let mut out = b.zeros(rows * cfg.d_model)?;
+    let mut out = b.alloc(rows * cfg.d_model)?;
     b.matmul(
         &gated,
         &p.out_proj,

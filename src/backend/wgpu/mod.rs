@@ -546,6 +546,10 @@ impl Backend for Wgpu {
         self.take_profile()
     }
 
+    fn alloc(&self, len: usize) -> Result<GpuBuf> {
+        self.buffer(len as u64 * 4)
+    }
+
     fn zeros(&self, len: usize) -> Result<GpuBuf> {
         let buf = self.buffer(len as u64 * 4)?;
         self.with_encoder(|enc| enc.clear_buffer(buf.raw(), 0, None));
