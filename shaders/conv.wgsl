@@ -142,6 +142,31 @@ fn conv_final(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     }
 }
 
+// The window of the last dc inputs, oldest first, in two vec4 registers (dc <= 8).
+struct Window {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+// Shifts the window left by one and puts v at position dc - 1.
+fn push(w: Window, v: f32) -> Window {
+    var n: Window;
+    n.lo = vec4<f32>(w.lo.yzw, w.hi.x);
+    n.hi = vec4<f32>(w.hi.yzw, 0.0);
+    let at = p.dc - 1u;
+    let i = vec4<u32>(0u, 1u, 2u, 3u);
+    n.lo = select(n.lo, vec4<f32>(v), i == vec4<u32>(at));
+    n.hi = select(n.hi, vec4<f32>(v), i + 4u == vec4<u32>(at));
+    return n;
+}
+
+fn col(w: Window, j: u32) -> f32 {
+    if (j < 4u) {
+        return w.lo[j];
+    }
+    return w.hi[j - 4u];
+}
+
 @compute @workgroup_size(64, 1, 1)
 fn conv_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -153,35 +178,33 @@ fn conv_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let c = id % p.cd;
     let slot = slots[i];
     let rec = info[i];
-    var win: array<f32, MAX_DC>;
+    let at = (u32(max(slot, 0)) * p.cd + c) * p.dc;
+    var win: Window;
+    var wt: Window;
     for (var j = 0u; j < p.dc; j++) {
-        win[j] = 0.0;
+        var v = 0.0;
         if (slot >= 0) {
-            win[j] = pool[(u32(slot) * p.cd + c) * p.dc + j];
+            v = pool[at + j];
         }
+        win = push(win, v);
+        wt = push(wt, weight[c * p.dc + j]);
     }
     let r0 = u32(cu[i]);
     let r1 = u32(cu[i + 1u]);
     for (var r = r0; r < r1; r++) {
-        for (var j = 0u; j + 1u < p.dc; j++) {
-            win[j] = win[j + 1u];
-        }
-        win[p.dc - 1u] = zxbcdt[r * p.dip + p.off + c];
-        var acc = bias_of(c);
-        for (var j = 0u; j < p.dc; j++) {
-            acc = fma(weight[c * p.dc + j], win[j], acc);
-        }
+        win = push(win, zxbcdt[r * p.dip + p.off + c]);
+        let acc = dot(win.lo, wt.lo) + dot(win.hi, wt.hi) + bias_of(c);
         xbc[r * p.cd + c] = silu(acc);
         if (rec >= 0) {
-            let at = (u32(rec) * p.stride + (r - r0)) * p.cd + c;
+            let o = ((u32(rec) * p.stride + (r - r0)) * p.cd + c) * p.dc;
             for (var j = 0u; j < p.dc; j++) {
-                saved[at * p.dc + j] = win[j];
+                saved[o + j] = col(win, j);
             }
         }
     }
     if (rec < 0 && slot >= 0) {
         for (var j = 0u; j < p.dc; j++) {
-            pool[(u32(slot) * p.cd + c) * p.dc + j] = win[j];
+            pool[at + j] = col(win, j);
         }
     }
 }

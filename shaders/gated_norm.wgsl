@@ -19,7 +19,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> weight: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-const WG: u32 = 64u;
+const WG: u32 = 256u;
 
 var<workgroup> partial: array<f32, WG>;
 
@@ -35,7 +35,7 @@ fn value(r: u32, i: u32) -> f32 {
     return v;
 }
 
-@compute @workgroup_size(64, 1, 1)
+@compute @workgroup_size(256, 1, 1)
 fn gated_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
 #if SUBGROUPS
               @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32,

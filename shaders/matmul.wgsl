@@ -63,7 +63,11 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let r0 = (g / p.tiles_n) * TILE;
     let j0 = (g % p.tiles_n) * TILE;
     let t = lid.y * 16u + lid.x;
-    var acc: array<array<f32, 4>, 4>;
+    // One vec4 of 4 columns per output row: registers, no private arrays (drivers spill those).
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < p.k; k0 += KT) {
         // 256 threads load 64x16 of x and of w: 4 values each.
         for (var i = 0u; i < 4u; i++) {
@@ -86,41 +90,55 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         }
         workgroupBarrier();
         for (var kk = 0u; kk < KT; kk++) {
-            var a: array<f32, 4>;
-            var b: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                a[i] = xs[kk][lid.y + i * 16u];
-                b[i] = ws[kk][lid.x + i * 16u];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var jj = 0u; jj < 4u; jj++) {
-                    acc[i][jj] = fma(a[i], b[jj], acc[i][jj]);
-                }
-            }
+            let a = vec4<f32>(xs[kk][lid.y], xs[kk][lid.y + 16u], xs[kk][lid.y + 32u], xs[kk][lid.y + 48u]);
+            let b = vec4<f32>(ws[kk][lid.x], ws[kk][lid.x + 16u], ws[kk][lid.x + 32u], ws[kk][lid.x + 48u]);
+            acc0 = fma(vec4<f32>(a.x), b, acc0);
+            acc1 = fma(vec4<f32>(a.y), b, acc1);
+            acc2 = fma(vec4<f32>(a.z), b, acc2);
+            acc3 = fma(vec4<f32>(a.w), b, acc3);
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) {
-        let r = r0 + lid.y + i * 16u;
-        for (var jj = 0u; jj < 4u; jj++) {
-            let j = j0 + lid.x + jj * 16u;
-            if (r < p.rows && j < p.n) {
-                var v = acc[i][jj];
-                if (p.has_bias != 0u) {
-                    v += bias[j];
-                }
-                out[r * p.n + j] = v;
+    store_row(r0 + lid.y, j0 + lid.x, acc0);
+    store_row(r0 + lid.y + 16u, j0 + lid.x, acc1);
+    store_row(r0 + lid.y + 32u, j0 + lid.x, acc2);
+    store_row(r0 + lid.y + 48u, j0 + lid.x, acc3);
+}
+
+// Columns j, j+16, j+32, j+48 of row r.
+fn store_row(r: u32, j: u32, v: vec4<f32>) {
+    if (r >= p.rows) {
+        return;
+    }
+    for (var f = 0u; f < 4u; f++) {
+        let c = j + f * 16u;
+        if (c < p.n) {
+            var o = v[f];
+            if (p.has_bias != 0u) {
+                o += bias[c];
             }
+            out[r * p.n + c] = o;
         }
     }
 }
 
 // Few rows (decode): one workgroup per 8 output columns, 32 threads per column striding over k
-// (a weight row is read once, coalesced), R rows (a define, at most 8) accumulated together.
+// (a weight row is read once, coalesced). R (a define, at most 8) rows are accumulated together
+// in two vec4 registers.
 const COLS: u32 = 8u;
 const LANES: u32 = 32u;
 
-var<workgroup> red: array<array<f32, 256>, R>;
+var<workgroup> red: array<array<vec4<f32>, 256>, 2>;
+
+// x at column kk of rows r0..r0+3 (zero past the last row).
+fn x4(r0: u32, kk: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (r0 < p.rows) { v.x = x[r0 * p.k + kk]; }
+    if (R > 1u && r0 + 1u < p.rows) { v.y = x[(r0 + 1u) * p.k + kk]; }
+    if (R > 2u && r0 + 2u < p.rows) { v.z = x[(r0 + 2u) * p.k + kk]; }
+    if (R > 3u && r0 + 3u < p.rows) { v.w = x[(r0 + 3u) * p.k + kk]; }
+    return v;
+}
 
 @compute @workgroup_size(256, 1, 1)
 fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -132,13 +150,15 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let t = lid.x;
     let lane = t % LANES;
     let j = g * COLS + t / LANES;
-    var acc: array<f32, R>;
+    var lo = vec4<f32>(0.0);
+    var hi = vec4<f32>(0.0);
     if (j < p.n) {
 #if W_F32
         for (var kk = lane; kk < p.k; kk += LANES) {
             let wv = w[j * p.k + kk];
-            for (var r = 0u; r < R; r++) {
-                acc[r] = fma(wv, x[r * p.k + kk], acc[r]);
+            lo = fma(vec4<f32>(wv), x4(0u, kk), lo);
+            if (R > 4u) {
+                hi = fma(vec4<f32>(wv), x4(4u, kk), hi);
             }
         }
 #else
@@ -154,33 +174,35 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 #endif
 #endif
             let k0 = 2u * i;
-            for (var r = 0u; r < R; r++) {
-                // Rows of odd k are padded with a zero weight; x must not be read past its end.
-                let x1 = select(0.0, x[r * p.k + k0 + 1u], k0 + 1u < p.k);
-                acc[r] = fma(v.x, x[r * p.k + k0], fma(v.y, x1, acc[r]));
+            // A row of odd k ends with a zero weight; x is not read past its end.
+            let k1 = min(k0 + 1u, p.k - 1u);
+            lo = fma(vec4<f32>(v.x), x4(0u, k0), fma(vec4<f32>(v.y), x4(0u, k1), lo));
+            if (R > 4u) {
+                hi = fma(vec4<f32>(v.x), x4(4u, k0), fma(vec4<f32>(v.y), x4(4u, k1), hi));
             }
         }
 #endif
     }
-    for (var r = 0u; r < R; r++) {
-        red[r][t] = acc[r];
-    }
+    red[0][t] = lo;
+    red[1][t] = hi;
     workgroupBarrier();
     for (var off = LANES / 2u; off > 0u; off /= 2u) {
         if (lane < off) {
-            for (var r = 0u; r < R; r++) {
-                red[r][t] += red[r][t + off];
-            }
+            red[0][t] += red[0][t + off];
+            red[1][t] += red[1][t + off];
         }
         workgroupBarrier();
     }
     if (lane == 0u && j < p.n) {
+        var b = 0.0;
+        if (p.has_bias != 0u) {
+            b = bias[j];
+        }
+        let a = red[0][t];
+        let c = red[1][t];
+        let rows = array<f32, 8>(a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w);
         for (var r = 0u; r < p.rows; r++) {
-            var v = red[r][t];
-            if (p.has_bias != 0u) {
-                v += bias[j];
-            }
-            out[r * p.n + j] = v;
+            out[r * p.n + j] = rows[r] + b;
         }
     }
 }

@@ -306,7 +306,11 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
     let t = tile_of(gid);
     let th = lid.y * 16u + lid.x;
-    var acc: array<array<f32, 4>, 4>;
+    // One vec4 of 4 columns per output row: registers, no private arrays (drivers spill those).
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
 #if MODE_OUT
     let phases = 2u;
 #else
@@ -330,24 +334,20 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             }
             workgroupBarrier();
             for (var kk = 0u; kk < KT; kk++) {
-                var a: array<f32, 4>;
-                var b: array<f32, 4>;
-                for (var e = 0u; e < 4u; e++) {
-                    a[e] = at[kk][lid.y + e * 16u];
-                    b[e] = bt[kk][lid.x + e * 16u];
-                }
-                for (var e = 0u; e < 4u; e++) {
-                    for (var f = 0u; f < 4u; f++) {
-                        acc[e][f] = fma(a[e], b[f], acc[e][f]);
-                    }
-                }
+                let a = vec4<f32>(at[kk][lid.y], at[kk][lid.y + 16u], at[kk][lid.y + 32u], at[kk][lid.y + 48u]);
+                let b = vec4<f32>(bt[kk][lid.x], bt[kk][lid.x + 16u], bt[kk][lid.x + 32u], bt[kk][lid.x + 48u]);
+                acc0 = fma(vec4<f32>(a.x), b, acc0);
+                acc1 = fma(vec4<f32>(a.y), b, acc1);
+                acc2 = fma(vec4<f32>(a.z), b, acc2);
+                acc3 = fma(vec4<f32>(a.w), b, acc3);
             }
             workgroupBarrier();
         }
     }
+    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
     for (var e = 0u; e < 4u; e++) {
         for (var f = 0u; f < 4u; f++) {
-            store(t, t.i0 + lid.y + e * 16u, t.j0 + lid.x + f * 16u, acc[e][f]);
+            store(t, t.i0 + lid.y + e * 16u, t.j0 + lid.x + f * 16u, accs[e][f]);
         }
     }
 }

@@ -1,6 +1,7 @@
 // The decode recurrence: each request's tokens in order on its slot's ssm state. One workgroup per
-// (request, head, p) row of the state; its 64 threads hold d_state/64 columns each (SPT, a define).
-// With record[i] >= 0 the state after each token goes to the intermediates and the slot is kept.
+// (request, head, p) row of the state; its 128 threads hold columns t and t + 128 (d_state <= 256)
+// in registers. With record[i] >= 0 the state after each token goes to the intermediates and the
+// slot is kept.
 
 struct Params {
     nh: u32,
@@ -34,7 +35,7 @@ struct Params {
 @group(0) @binding(10) var<storage, read_write> saved: array<f32>;
 @group(0) @binding(11) var<storage, read_write> y: array<f32>;
 
-const WG: u32 = 64u;
+const WG: u32 = 128u;
 
 var<workgroup> partial: array<f32, WG>;
 
@@ -81,7 +82,7 @@ fn reduce(v: f32, t: u32, lane: u32, width: u32) -> f32 {
     return total;
 }
 
-@compute @workgroup_size(64, 1, 1)
+@compute @workgroup_size(128, 1, 1)
 fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
 #if SUBGROUPS
                 @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32,
@@ -106,13 +107,18 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let rec = record[i];
     let sl = p.hd * p.ds;
     let base = (h * p.hd + pi) * p.ds;
-    var st: array<f32, SPT>;
-    for (var j = 0u; j < SPT; j++) {
-        let s = t + j * WG;
-        st[j] = 0.0;
-        if (slot >= 0 && s < p.ds) {
-            st[j] = pool[u32(slot) * p.nh * sl + base + s];
-        }
+    let s0 = t;
+    let s1 = t + WG;
+    let has0 = s0 < p.ds;
+    let has1 = s1 < p.ds;
+    let row = u32(max(slot, 0)) * p.nh * sl + base;
+    var st0 = 0.0;
+    var st1 = 0.0;
+    if (slot >= 0 && has0) {
+        st0 = pool[row + s0];
+    }
+    if (slot >= 0 && has1) {
+        st1 = pool[row + s1];
     }
     let a = -exp(a_log[h]);
     var dv = dvec[h];
@@ -128,14 +134,19 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         let decay = exp(d * a);
         let x = xbc[r * p.cd + h * p.hd + pi];
         var acc = 0.0;
-        for (var j = 0u; j < SPT; j++) {
-            let s = t + j * WG;
-            if (s < p.ds) {
-                st[j] = fma(decay, st[j], d * x * xbc[r * p.cd + boff + s]);
-                acc = fma(st[j], xbc[r * p.cd + coff + s], acc);
-                if (rec >= 0) {
-                    saved[(u32(rec) * p.stride + (r - r0)) * p.nh * sl + base + s] = st[j];
-                }
+        let at = (u32(max(rec, 0)) * p.stride + (r - r0)) * p.nh * sl + base;
+        if (has0) {
+            st0 = fma(decay, st0, d * x * xbc[r * p.cd + boff + s0]);
+            acc = st0 * xbc[r * p.cd + coff + s0];
+            if (rec >= 0) {
+                saved[at + s0] = st0;
+            }
+        }
+        if (has1) {
+            st1 = fma(decay, st1, d * x * xbc[r * p.cd + boff + s1]);
+            acc = fma(st1, xbc[r * p.cd + coff + s1], acc);
+            if (rec >= 0) {
+                saved[at + s1] = st1;
             }
         }
         let total = reduce(acc, t, lane, width);
@@ -144,11 +155,11 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         }
     }
     if (rec < 0 && slot >= 0) {
-        for (var j = 0u; j < SPT; j++) {
-            let s = t + j * WG;
-            if (s < p.ds) {
-                pool[u32(slot) * p.nh * sl + base + s] = st[j];
-            }
+        if (has0) {
+            pool[row + s0] = st0;
+        }
+        if (has1) {
+            pool[row + s1] = st1;
         }
     }
 }

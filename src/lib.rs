@@ -12,8 +12,6 @@ pub mod error;
 pub mod graph;
 pub mod model;
 pub mod tensors;
-#[cfg(target_arch = "wasm32")]
-pub mod web;
 pub mod weights;
 
 pub use backend::{cpu::Cpu, Backend};

@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 use crate::tensors::{Data, HostTensor};
 
 const WG: u32 = 64;
+/// The decode kernel keeps two state columns per thread of 128.
+const MAX_D_STATE: usize = 256;
 /// Up to this many rows, a matmul is a matrix-vector product (decode).
 const MATVEC_ROWS: usize = 8;
 /// Most workgroups along one dispatch dimension.
@@ -996,12 +998,16 @@ impl Backend for Wgpu {
             u(groups)?,
             0,
         ];
+        if ds > MAX_D_STATE {
+            return Err(err(format!(
+                "d_state {ds} is larger than the decode kernel's {MAX_D_STATE}"
+            )));
+        }
         let saved = inter.map_or(self.dummy_rw.raw(), |b| b.raw());
-        let spt = u(ds.div_ceil(WG as usize))?;
         self.dispatch(
             shader::STATE_UPDATE,
             "state_update",
-            &[("SPT", spt), ("SUBGROUPS", self.subgroups as u32)],
+            &[("SUBGROUPS", self.subgroups as u32)],
             &params,
             &[
                 (1, zxbcdt.raw()),
