@@ -1,6 +1,6 @@
-// out (rows, n) = x (rows, k) . w^T + bias, w stored (n, k) row-major.
-// Defines: W_F32 (w is f32), W_F16 (two f16 per u32), W_BF16 (two bf16 per u32); the 16-bit
-// rows hold ceil(k/2) words. Tiles of 64x64 outputs, 16x16 threads with 4x4 outputs each.
+// out (rows, n) = x (rows, k) . w^T + bias, w stored (n, k) row-major, each row padded to
+// `row_words` words. Defines: W_F32 (w is f32), W_F16 (two f16 per u32, or read as f16 pairs with
+// F16_NATIVE), W_BF16 (two bf16 per u32). Tiles of 64x64 outputs, 16x16 threads of 4x4.
 
 struct Params {
     rows: u32,
@@ -30,7 +30,7 @@ struct Params {
 
 fn wload(j: u32, kk: u32) -> f32 {
 #if W_F32
-    return w[j * p.k + kk];
+    return w[j * p.row_words + kk];
 #else
 #if F16_NATIVE
     let v = vec2<f32>(w[j * p.row_words + kk / 2u]);
@@ -118,91 +118,6 @@ fn store_row(r: u32, j: u32, v: vec4<f32>) {
                 o += bias[c];
             }
             out[r * p.n + c] = o;
-        }
-    }
-}
-
-// Few rows (decode): one workgroup per 8 output columns, 32 threads per column striding over k
-// (a weight row is read once, coalesced). R (a define, at most 8) rows are accumulated together
-// in two vec4 registers.
-const COLS: u32 = 8u;
-const LANES: u32 = 32u;
-
-var<workgroup> red: array<array<vec4<f32>, 256>, 2>;
-
-// x at column kk of rows r0..r0+3 (zero past the last row).
-fn x4(r0: u32, kk: u32) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    if (r0 < p.rows) { v.x = x[r0 * p.k + kk]; }
-    if (R > 1u && r0 + 1u < p.rows) { v.y = x[(r0 + 1u) * p.k + kk]; }
-    if (R > 2u && r0 + 2u < p.rows) { v.z = x[(r0 + 2u) * p.k + kk]; }
-    if (R > 3u && r0 + 3u < p.rows) { v.w = x[(r0 + 3u) * p.k + kk]; }
-    return v;
-}
-
-@compute @workgroup_size(256, 1, 1)
-fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_id) lid: vec3<u32>) {
-    let g = wid.x + wid.y * nwg.x;
-    if (g >= p.groups) {
-        return;
-    }
-    let t = lid.x;
-    let lane = t % LANES;
-    let j = g * COLS + t / LANES;
-    var lo = vec4<f32>(0.0);
-    var hi = vec4<f32>(0.0);
-    if (j < p.n) {
-#if W_F32
-        for (var kk = lane; kk < p.k; kk += LANES) {
-            let wv = w[j * p.k + kk];
-            lo = fma(vec4<f32>(wv), x4(0u, kk), lo);
-            if (R > 4u) {
-                hi = fma(vec4<f32>(wv), x4(4u, kk), hi);
-            }
-        }
-#else
-        for (var i = lane; i < p.row_words; i += LANES) {
-#if F16_NATIVE
-            let v = vec2<f32>(w[j * p.row_words + i]);
-#else
-            let word = w[j * p.row_words + i];
-#if W_F16
-            let v = unpack2x16float(word);
-#else
-            let v = vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));
-#endif
-#endif
-            let k0 = 2u * i;
-            // A row of odd k ends with a zero weight; x is not read past its end.
-            let k1 = min(k0 + 1u, p.k - 1u);
-            lo = fma(vec4<f32>(v.x), x4(0u, k0), fma(vec4<f32>(v.y), x4(0u, k1), lo));
-            if (R > 4u) {
-                hi = fma(vec4<f32>(v.x), x4(4u, k0), fma(vec4<f32>(v.y), x4(4u, k1), hi));
-            }
-        }
-#endif
-    }
-    red[0][t] = lo;
-    red[1][t] = hi;
-    workgroupBarrier();
-    for (var off = LANES / 2u; off > 0u; off /= 2u) {
-        if (lane < off) {
-            red[0][t] += red[0][t + off];
-            red[1][t] += red[1][t + off];
-        }
-        workgroupBarrier();
-    }
-    if (lane == 0u && j < p.n) {
-        var b = 0.0;
-        if (p.has_bias != 0u) {
-            b = bias[j];
-        }
-        let a = red[0][t];
-        let c = red[1][t];
-        let rows = array<f32, 8>(a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w);
-        for (var r = 0u; r < p.rows; r++) {
-            out[r * p.n + j] = rows[r] + b;
         }
     }
 }

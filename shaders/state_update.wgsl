@@ -1,7 +1,7 @@
 // The decode recurrence: each request's tokens in order on its slot's ssm state. One workgroup per
-// (request, head, p) row of the state; its 128 threads hold columns t and t + 128 (d_state <= 256)
-// in registers. With record[i] >= 0 the state after each token goes to the intermediates and the
-// slot is kept.
+// (request, head, 8 rows p of the state); 32 lanes per row, each holding columns lane + 32 i
+// (d_state <= 256) in two vec4 registers. With record[i] >= 0 the state after each token goes to
+// the intermediates and the slot is kept.
 
 struct Params {
     nh: u32,
@@ -35,7 +35,10 @@ struct Params {
 @group(0) @binding(10) var<storage, read_write> saved: array<f32>;
 @group(0) @binding(11) var<storage, read_write> y: array<f32>;
 
-const WG: u32 = 128u;
+const WG: u32 = 256u;
+const LANES: u32 = 32u;
+// State rows (p) per workgroup: 32 lanes each.
+const ROWS: u32 = 8u;
 
 var<workgroup> partial: array<f32, WG>;
 
@@ -54,43 +57,71 @@ fn dt_of(raw: f32, h: u32) -> f32 {
     return d;
 }
 
-// The sum over the workgroup (every thread gets it): subgroup sums and then one value per
-// subgroup where the adapter has subgroups, a tree in workgroup memory where it has not.
-fn reduce(v: f32, t: u32, lane: u32, width: u32) -> f32 {
+// Columns lane, lane + 32, lane + 64, lane + 96 (plus `first`) of a row at `base` of xbc or of a
+// state buffer, zero past d_state.
+fn load4(buf: u32, base: u32, lane: u32, first: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        let s = first + lane + i * LANES;
+        if (s < p.ds) {
+            if (buf == 0u) {
+                v[i] = xbc[base + s];
+            } else {
+                v[i] = pool[base + s];
+            }
+        }
+    }
+    return v;
+}
+
+fn store4(to_pool: bool, base: u32, lane: u32, first: u32, v: vec4<f32>) {
+    for (var i = 0u; i < 4u; i++) {
+        let s = first + lane + i * LANES;
+        if (s < p.ds) {
+            if (to_pool) {
+                pool[base + s] = v[i];
+            } else {
+                saved[base + s] = v[i];
+            }
+        }
+    }
+}
+
+// The sum over the 32 lanes of a state row, in every lane: subgroup shuffles where subgroups
+// are at least 32 wide, a tree in workgroup memory otherwise.
+fn lane_sum(v: f32, t: u32, lane: u32, width: u32) -> f32 {
 #if SUBGROUPS
-    let part = subgroupAdd(v);
-    if (lane == 0u) {
-        partial[t / width] = part;
+    if (width >= LANES) {
+        var s = v;
+        s += subgroupShuffleXor(s, 16u);
+        s += subgroupShuffleXor(s, 8u);
+        s += subgroupShuffleXor(s, 4u);
+        s += subgroupShuffleXor(s, 2u);
+        s += subgroupShuffleXor(s, 1u);
+        return s;
     }
-    workgroupBarrier();
-    var total = 0.0;
-    for (var i = 0u; i < WG / width; i++) {
-        total += partial[i];
-    }
-#else
+#endif
     partial[t] = v;
     workgroupBarrier();
-    for (var half = WG / 2u; half > 0u; half /= 2u) {
-        if (t < half) {
-            partial[t] += partial[t + half];
+    for (var off = LANES / 2u; off > 0u; off /= 2u) {
+        if (lane < off) {
+            partial[t] += partial[t + off];
         }
         workgroupBarrier();
     }
-    let total = partial[0];
-#endif
+    let total = partial[t - lane];
     workgroupBarrier();
     return total;
 }
 
-@compute @workgroup_size(128, 1, 1)
+@compute @workgroup_size(256, 1, 1)
 fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
 #if SUBGROUPS
-                @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32,
+                @builtin(subgroup_size) width: u32,
 #endif
                 @builtin(local_invocation_id) lid: vec3<u32>) {
 #if SUBGROUPS
 #else
-    let lane = 0u;
     let width = 1u;
 #endif
     let gid = wid.x + wid.y * nwg.x;
@@ -99,31 +130,32 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         return;
     }
     let t = lid.x;
-    let i = gid / (p.nh * p.hd);
-    let h = (gid / p.hd) % p.nh;
-    let pi = gid % p.hd;
+    let lane = t % LANES;
+    let blocks = (p.hd + ROWS - 1u) / ROWS;
+    let i = gid / (p.nh * blocks);
+    let h = (gid / blocks) % p.nh;
+    let pi = (gid % blocks) * ROWS + t / LANES;
+    let live = pi < p.hd;
+    let pr = min(pi, p.hd - 1u);
     let g = h / (p.nh / p.ng);
     let slot = slots[i];
     let rec = record[i];
     let sl = p.hd * p.ds;
-    let base = (h * p.hd + pi) * p.ds;
-    let s0 = t;
-    let s1 = t + WG;
-    let has0 = s0 < p.ds;
-    let has1 = s1 < p.ds;
+    let base = (h * p.hd + pr) * p.ds;
     let row = u32(max(slot, 0)) * p.nh * sl + base;
-    var st0 = 0.0;
-    var st1 = 0.0;
-    if (slot >= 0 && has0) {
-        st0 = pool[row + s0];
-    }
-    if (slot >= 0 && has1) {
-        st1 = pool[row + s1];
+    let wide = p.ds > 4u * LANES;
+    var lo = vec4<f32>(0.0);
+    var hi = vec4<f32>(0.0);
+    if (slot >= 0) {
+        lo = load4(1u, row, lane, 0u);
+        if (wide) {
+            hi = load4(1u, row, lane, 4u * LANES);
+        }
     }
     let a = -exp(a_log[h]);
     var dv = dvec[h];
     if (p.d_hdim != 0u) {
-        dv = dvec[h * p.hd + pi];
+        dv = dvec[h * p.hd + pr];
     }
     let r0 = u32(cu[i]);
     let r1 = u32(cu[i + 1u]);
@@ -131,35 +163,31 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let coff = p.nh * p.hd + (p.ng + g) * p.ds;
     for (var r = r0; r < r1; r++) {
         let d = dt_of(zxbcdt[r * p.dip + p.dt_col + h], h);
-        let decay = exp(d * a);
-        let x = xbc[r * p.cd + h * p.hd + pi];
-        var acc = 0.0;
-        let at = (u32(max(rec, 0)) * p.stride + (r - r0)) * p.nh * sl + base;
-        if (has0) {
-            st0 = fma(decay, st0, d * x * xbc[r * p.cd + boff + s0]);
-            acc = st0 * xbc[r * p.cd + coff + s0];
-            if (rec >= 0) {
-                saved[at + s0] = st0;
+        let decay = vec4<f32>(exp(d * a));
+        let x = xbc[r * p.cd + h * p.hd + pr];
+        let dx = vec4<f32>(d * x);
+        lo = fma(decay, lo, dx * load4(0u, r * p.cd + boff, lane, 0u));
+        var acc = dot(lo, load4(0u, r * p.cd + coff, lane, 0u));
+        if (wide) {
+            hi = fma(decay, hi, dx * load4(0u, r * p.cd + boff, lane, 4u * LANES));
+            acc += dot(hi, load4(0u, r * p.cd + coff, lane, 4u * LANES));
+        }
+        if (rec >= 0 && live) {
+            let at = (u32(rec) * p.stride + (r - r0)) * p.nh * sl + base;
+            store4(false, at, lane, 0u, lo);
+            if (wide) {
+                store4(false, at, lane, 4u * LANES, hi);
             }
         }
-        if (has1) {
-            st1 = fma(decay, st1, d * x * xbc[r * p.cd + boff + s1]);
-            acc = fma(st1, xbc[r * p.cd + coff + s1], acc);
-            if (rec >= 0) {
-                saved[at + s1] = st1;
-            }
-        }
-        let total = reduce(acc, t, lane, width);
-        if (t == 0u) {
-            y[r * p.nh * p.hd + h * p.hd + pi] = fma(dv, x, total);
+        let total = lane_sum(acc, t, lane, width);
+        if (lane == 0u && live) {
+            y[r * p.nh * p.hd + h * p.hd + pr] = fma(dv, x, total);
         }
     }
-    if (rec < 0 && slot >= 0) {
-        if (has0) {
-            pool[row + s0] = st0;
-        }
-        if (has1) {
-            pool[row + s1] = st1;
+    if (rec < 0 && slot >= 0 && live) {
+        store4(true, row, lane, 0u, lo);
+        if (wide) {
+            store4(true, row, lane, 4u * LANES, hi);
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::tensors::{Data, HostTensor};
 
 const WG: u32 = 64;
-/// The decode kernel keeps two state columns per thread of 128.
+/// The decode kernel keeps eight state columns per lane of 32.
 const MAX_D_STATE: usize = 256;
 /// Up to this many rows, a matmul is a matrix-vector product (decode).
 const MATVEC_ROWS: usize = 8;
@@ -504,26 +504,36 @@ impl Backend for Wgpu {
                 w.shape
             )));
         };
-        let row_words = k.div_ceil(2);
-        // 16-bit rows are padded to an even length so that each row starts on a word.
-        let pack16 = |bits: Vec<u16>| -> Vec<u16> {
-            let mut out = vec![0u16; n * row_words * 2];
+        // Rows are padded with zeros to whole 16-byte vectors (4 f32 or 8 16-bit values), so
+        // that every row starts aligned for the vector loads of the matrix-vector kernel.
+        let per_vec = if matches!(w.data, Data::F32(_)) { 4 } else { 8 };
+        let padded = k.div_ceil(per_vec) * per_vec;
+        fn pad<T: Copy + Default>(v: &[T], n: usize, k: usize, padded: usize) -> Vec<T> {
+            let mut out = vec![T::default(); n * padded];
             for r in 0..n {
-                out[r * row_words * 2..r * row_words * 2 + k]
-                    .copy_from_slice(&bits[r * k..(r + 1) * k]);
+                out[r * padded..r * padded + k].copy_from_slice(&v[r * k..(r + 1) * k]);
             }
             out
-        };
+        }
         let (bytes, kind): (Vec<u8>, WeightKind) = match &w.data {
-            Data::F32(v) => (bytemuck::cast_slice(v).to_vec(), WeightKind::F32),
+            Data::F32(v) => (
+                bytemuck::cast_slice(&pad(v, n, k, padded)).to_vec(),
+                WeightKind::F32,
+            ),
             Data::F16(v) => (
-                bytemuck::cast_slice(&pack16(v.iter().map(|x| x.to_bits()).collect())).to_vec(),
+                bytemuck::cast_slice(&pad(v, n, k, padded)).to_vec(),
                 WeightKind::F16,
             ),
             Data::Bf16(v) => (
-                bytemuck::cast_slice(&pack16(v.iter().map(|x| x.to_bits()).collect())).to_vec(),
+                bytemuck::cast_slice(&pad(v, n, k, padded)).to_vec(),
                 WeightKind::Bf16,
             ),
+        };
+        // Words (f32 values, or pairs of 16-bit values) per padded row.
+        let row_words = if kind == WeightKind::F32 {
+            padded
+        } else {
+            padded / 2
         };
         let buf = self.bytes_to_buf(&bytes).map_err(|e| {
             err(format!(
@@ -719,23 +729,41 @@ impl Backend for Wgpu {
             u(groups)?,
             0,
         ];
-        let (entry, r) = if few {
-            ("matvec", u(rows.max(1))?)
-        } else {
-            ("matmul", 1)
-        };
+        let binds = [
+            (1, x.raw()),
+            (2, w.buf.raw()),
+            (3, self.opt(bias)),
+            (4, out.raw()),
+        ];
+        if few {
+            // Four words to a 16-byte vector.
+            let vecs = w.row_words / 4;
+            let params = [
+                u(rows)?,
+                u(w.n)?,
+                u(w.k)?,
+                u(vecs)?,
+                bias.is_some() as u32,
+                u(groups)?,
+                0,
+                0,
+            ];
+            return self.dispatch(
+                shader::MATVEC,
+                "matvec",
+                &[(define, 1), ("R", u(rows.max(1))?)],
+                &params,
+                &binds,
+                u(groups)?,
+            );
+        }
         let native = (w.kind == WeightKind::F16 && self.f16) as u32;
         self.dispatch(
             shader::MATMUL,
-            entry,
-            &[(define, 1), ("R", r), ("F16_NATIVE", native)],
+            "matmul",
+            &[(define, 1), ("F16_NATIVE", native)],
             &params,
-            &[
-                (1, x.raw()),
-                (2, w.buf.raw()),
-                (3, self.opt(bias)),
-                (4, out.raw()),
-            ],
+            &binds,
             u(groups)?,
         )
     }
@@ -978,7 +1006,8 @@ impl Backend for Wgpu {
     ) -> Result<()> {
         let cfg = &p.cfg;
         let (nh, hd, ds) = (cfg.nheads(), cfg.headdim, cfg.d_state);
-        let groups = dec.requests() * nh * hd;
+        // Eight state rows per workgroup.
+        let groups = dec.requests() * nh * hd.div_ceil(8);
         let lim = dt_limits(cfg);
         let params = [
             u(nh)?,

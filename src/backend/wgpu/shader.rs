@@ -4,6 +4,7 @@
 
 /// The shaders, one file per op family.
 pub const MATMUL: (&str, &str) = ("matmul", include_str!("../../../shaders/matmul.wgsl"));
+pub const MATVEC: (&str, &str) = ("matvec", include_str!("../../../shaders/matvec.wgsl"));
 pub const CONV: (&str, &str) = ("conv", include_str!("../../../shaders/conv.wgsl"));
 pub const SSD: (&str, &str) = ("ssd", include_str!("../../../shaders/ssd.wgsl"));
 pub const STATE_UPDATE: (&str, &str) = (
