@@ -19,8 +19,8 @@ use crate::tensors::{Data, HostTensor};
 const WG: u32 = 64;
 /// The decode kernel keeps eight state columns per lane of 32.
 const MAX_D_STATE: usize = 256;
-/// Up to this many rows, a matmul is a matrix-vector product (decode).
-const MATVEC_ROWS: usize = 8;
+/// Up to this many rows (and k a multiple of 4), a matmul is a matrix-vector product (decode).
+const MATVEC_ROWS: usize = 4;
 /// Most workgroups along one dispatch dimension.
 const MAX_GROUPS: u32 = 65535;
 
@@ -123,6 +123,9 @@ pub struct Inner {
     limits: wgpu::Limits,
     pipelines: RefCell<HashMap<String, Rc<wgpu::ComputePipeline>>>,
     encoder: RefCell<Option<wgpu::CommandEncoder>>,
+    /// The compute pass that dispatches go into; a copy, a clear or a submission ends it, so a
+    /// step is few passes (the pass boundaries cost more than the barriers between dispatches).
+    pass: RefCell<Option<wgpu::ComputePass<'static>>>,
     pool: Rc<RefCell<Pool>>,
     /// A device error caught by the uncaptured-error handler, reported at the next readback.
     lost: std::sync::Arc<std::sync::Mutex<Option<String>>>,
@@ -162,7 +165,8 @@ impl Wgpu {
         if opts.use_f16 && have.contains(wgpu::Features::SHADER_F16) {
             features |= wgpu::Features::SHADER_F16;
         }
-        features |= have & wgpu::Features::TIMESTAMP_QUERY;
+        features |= have
+            & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
         let limits = adapter.limits();
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -205,6 +209,7 @@ impl Wgpu {
             limits,
             pipelines: RefCell::new(HashMap::new()),
             encoder: RefCell::new(None),
+            pass: RefCell::new(None),
             pool,
             lost,
             dummy,
@@ -301,12 +306,15 @@ impl Inner {
 
     /// Submits what has been recorded, so that a queue write lands after it.
     fn flush(&self) {
+        self.pass.borrow_mut().take();
         if let Some(enc) = self.encoder.borrow_mut().take() {
             self.queue.submit([enc.finish()]);
         }
     }
 
     fn with_encoder<T>(&self, f: impl FnOnce(&mut wgpu::CommandEncoder) -> T) -> T {
+        // Copies and clears go outside compute passes: end the open one.
+        self.pass.borrow_mut().take();
         let mut slot = self.encoder.borrow_mut();
         let enc = slot.get_or_insert_with(|| {
             self.device
@@ -408,21 +416,46 @@ impl Inner {
                 (p.set.clone(), at)
             })
         });
-        self.with_encoder(|enc| {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(entry),
-                timestamp_writes: timing.as_ref().map(|(set, at)| {
-                    wgpu::ComputePassTimestampWrites {
-                        query_set: set,
-                        beginning_of_pass_write_index: Some(*at),
-                        end_of_pass_write_index: Some(at + 1),
-                    }
-                }),
+        let inside = self
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
+        if timing.is_some() && !inside {
+            // Timestamps only at pass boundaries: this dispatch gets a pass of its own.
+            self.pass.borrow_mut().take();
+        }
+        if self.pass.borrow().is_none() {
+            let pass = self.with_encoder(|enc| {
+                enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: timing.as_ref().filter(|_| !inside).map(|(set, at)| {
+                        wgpu::ComputePassTimestampWrites {
+                            query_set: set,
+                            beginning_of_pass_write_index: Some(*at),
+                            end_of_pass_write_index: Some(at + 1),
+                        }
+                    }),
+                })
+                .forget_lifetime()
             });
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind, &[]);
-            pass.dispatch_workgroups(x, y, 1);
-        });
+            *self.pass.borrow_mut() = Some(pass);
+        }
+        let mut slot = self.pass.borrow_mut();
+        let Some(pass) = slot.as_mut() else {
+            return Err(err("no compute pass"));
+        };
+        if let (Some((set, at)), true) = (&timing, inside) {
+            pass.write_timestamp(set, *at);
+        }
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+        if let (Some((set, at)), true) = (&timing, inside) {
+            pass.write_timestamp(set, at + 1);
+        }
+        if timing.is_some() && !inside {
+            slot.take();
+        }
         Ok(())
     }
 
@@ -712,10 +745,10 @@ impl Backend for Wgpu {
             WeightKind::Bf16 => "W_BF16",
         };
         // Few rows read the weight once with a reduction per column; more rows share tiles.
-        let few = rows <= MATVEC_ROWS;
+        let few = rows <= MATVEC_ROWS && w.k % 4 == 0;
         let tiles_n = w.n.div_ceil(64);
         let groups = if few {
-            w.n.div_ceil(8)
+            w.n.div_ceil(32)
         } else {
             rows.div_ceil(64) * tiles_n
         };
