@@ -745,7 +745,7 @@ impl Backend for Wgpu {
             WeightKind::Bf16 => "W_BF16",
         };
         // Few rows read the weight once with a reduction per column; more rows share tiles.
-        let few = rows <= MATVEC_ROWS && w.k % 4 == 0;
+        let few = rows <= MATVEC_ROWS && w.k.is_multiple_of(4);
         let tiles_n = w.n.div_ceil(64);
         let groups = if few {
             w.n.div_ceil(32)
