@@ -49,11 +49,13 @@ if [ "$(wasm-bindgen-test-runner --version 2>/dev/null)" != "wasm-bindgen-test-r
     echo "installing wasm-bindgen-cli $wb_version" >&2
     # Its lockfile first; unlocked (newest compatible dependencies) when the registry lacks one of
     # the locked versions.
-    cargo install --quiet wasm-bindgen-cli --version "$wb_version" --locked ||
-        cargo install --quiet wasm-bindgen-cli --version "$wb_version"
+    cargo install --quiet --force wasm-bindgen-cli --version "$wb_version" --locked ||
+        cargo install --quiet --force wasm-bindgen-cli --version "$wb_version"
 fi
 (
     cd web
+    cargo fmt --check
+    cargo clippy --release --target wasm32-unknown-unknown --all-targets -- -D warnings
     export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner
     CHROMEDRIVER="$(command -v chromedriver)"
     export CHROMEDRIVER
