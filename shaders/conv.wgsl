@@ -25,7 +25,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> slots: array<i32>;
 @group(0) @binding(6) var<storage, read_write> pool: array<f32>;
 @group(0) @binding(7) var<storage, read_write> xbc: array<f32>;
-// (seq, pos, chunk, dest) per snapshot; for conv_update: the record index per request.
+// (seq, pos, chunk, dest) per snapshot; for conv_update: cu (n + 1) | slots (n) | record (n).
 @group(0) @binding(8) var<storage, read> info: array<i32>;
 @group(0) @binding(9) var<storage, read_write> saved: array<f32>;
 
@@ -176,8 +176,8 @@ fn conv_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
     let i = id / p.cd;
     let c = id % p.cd;
-    let slot = slots[i];
-    let rec = info[i];
+    let slot = info[p.seqs + 1u + i];
+    let rec = info[2u * p.seqs + 1u + i];
     let at = (u32(max(slot, 0)) * p.cd + c) * p.dc;
     var win: Window;
     var wt: Window;
@@ -189,8 +189,8 @@ fn conv_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         win = push(win, v);
         wt = push(wt, weight[c * p.dc + j]);
     }
-    let r0 = u32(cu[i]);
-    let r1 = u32(cu[i + 1u]);
+    let r0 = u32(info[i]);
+    let r1 = u32(info[i + 1u]);
     for (var r = r0; r < r1; r++) {
         win = push(win, zxbcdt[r * p.dip + p.off + c]);
         let acc = dot(win.lo, wt.lo) + dot(win.hi, wt.hi) + bias_of(c);

@@ -36,9 +36,8 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> zxbcdt: array<f32>;
 @group(0) @binding(2) var<storage, read> xbc: array<f32>;
-@group(0) @binding(3) var<storage, read> dt_bias: array<f32>;
-@group(0) @binding(4) var<storage, read> a_log: array<f32>;
-@group(0) @binding(5) var<storage, read> dvec: array<f32>;
+// dt_bias (nh) | A_log (nh) | D (nh, or nh * hd with d_hdim)
+@group(0) @binding(3) var<storage, read> heads: array<f32>;
 @group(0) @binding(6) var<storage, read> cu: array<i32>;
 @group(0) @binding(7) var<storage, read> slots: array<i32>;
 @group(0) @binding(8) var<storage, read> seq_chunks: array<i32>;
@@ -57,7 +56,7 @@ fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
 }
 
 fn dt_of(raw: f32, h: u32) -> f32 {
-    let v = raw + dt_bias[h];
+    let v = raw + heads[h];
     var d = v;
     if (v <= 20.0) {
         d = log(1.0 + exp(v));
@@ -103,7 +102,7 @@ fn ssd_dt(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
     let c = id / p.nh;
     let h = id % p.nh;
-    let a = -exp(a_log[h]);
+    let a = -exp(heads[p.nh + h]);
     var acc = 0.0;
     for (var r = u32(chunk_rows[c]); r < u32(chunk_rows[c + 1u]); r++) {
         let d = dt_of(zxbcdt[r * p.dip + p.dt_col + h], h);
@@ -286,9 +285,9 @@ fn store(t: Tile, i: u32, j: u32, v: f32) {
 #else
     if (i < t.len && j < p.hd) {
         let r = t.r0 + i;
-        var dv = dvec[t.h];
+        var dv = heads[2u * p.nh + t.h];
         if (p.d_hdim != 0u) {
-            dv = dvec[t.h * p.hd + j];
+            dv = heads[2u * p.nh + t.h * p.hd + j];
         }
         let x = xbc[r * p.cd + t.h * p.hd + j];
         y[r * p.nh * p.hd + t.h * p.hd + j] = fma(dv, x, v);

@@ -25,12 +25,10 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> zxbcdt: array<f32>;
 @group(0) @binding(2) var<storage, read> xbc: array<f32>;
-@group(0) @binding(3) var<storage, read> dt_bias: array<f32>;
-@group(0) @binding(4) var<storage, read> a_log: array<f32>;
-@group(0) @binding(5) var<storage, read> dvec: array<f32>;
-@group(0) @binding(6) var<storage, read> cu: array<i32>;
-@group(0) @binding(7) var<storage, read> slots: array<i32>;
-@group(0) @binding(8) var<storage, read> record: array<i32>;
+// dt_bias (nh) | A_log (nh) | D (nh, or nh * hd with d_hdim)
+@group(0) @binding(3) var<storage, read> heads: array<f32>;
+// cu (reqs + 1) | slots (reqs) | record (reqs)
+@group(0) @binding(6) var<storage, read> info: array<i32>;
 @group(0) @binding(9) var<storage, read_write> pool: array<f32>;
 @group(0) @binding(10) var<storage, read_write> saved: array<f32>;
 @group(0) @binding(11) var<storage, read_write> y: array<f32>;
@@ -43,7 +41,7 @@ const ROWS: u32 = 8u;
 var<workgroup> partial: array<f32, WG>;
 
 fn dt_of(raw: f32, h: u32) -> f32 {
-    let v = raw + dt_bias[h];
+    let v = raw + heads[h];
     var d = v;
     if (v <= 20.0) {
         d = log(1.0 + exp(v));
@@ -138,8 +136,8 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let live = pi < p.hd;
     let pr = min(pi, p.hd - 1u);
     let g = h / (p.nh / p.ng);
-    let slot = slots[i];
-    let rec = record[i];
+    let slot = info[p.reqs + 1u + i];
+    let rec = info[2u * p.reqs + 1u + i];
     let sl = p.hd * p.ds;
     let base = (h * p.hd + pr) * p.ds;
     let row = u32(max(slot, 0)) * p.nh * sl + base;
@@ -152,13 +150,13 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             hi = load4(1u, row, lane, 4u * LANES);
         }
     }
-    let a = -exp(a_log[h]);
-    var dv = dvec[h];
+    let a = -exp(heads[p.nh + h]);
+    var dv = heads[2u * p.nh + h];
     if (p.d_hdim != 0u) {
-        dv = dvec[h * p.hd + pr];
+        dv = heads[2u * p.nh + h * p.hd + pr];
     }
-    let r0 = u32(cu[i]);
-    let r1 = u32(cu[i + 1u]);
+    let r0 = u32(info[i]);
+    let r1 = u32(info[i + 1u]);
     let boff = p.nh * p.hd + g * p.ds;
     let coff = p.nh * p.hd + (p.ng + g) * p.ds;
     for (var r = r0; r < r1; r++) {

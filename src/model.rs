@@ -22,9 +22,8 @@ impl<B: Backend> Mixer<B> {
             in_proj_bias: up_opt(&w.in_proj_bias)?,
             conv_weight: up(&w.conv_weight)?,
             conv_bias: up_opt(&w.conv_bias)?,
-            dt_bias: up(&w.dt_bias)?,
-            a_log: up(&w.a_log)?,
-            d: up(&w.d)?,
+            heads: backend
+                .upload(&[w.dt_bias.to_f32(), w.a_log.to_f32(), w.d.to_f32()].concat())?,
             norm_weight: up_opt(&w.norm_weight)?,
             out_proj: backend.upload_weight(&w.out_proj)?,
             out_proj_bias: up_opt(&w.out_proj_bias)?,

@@ -115,16 +115,19 @@ impl<'a> Head<'a> {
         let cols = Cols::new(cfg);
         let (hd, ds) = (cfg.headdim, cfg.d_state);
         let g = h / cfg.heads_per_group();
+        let nh = cfg.nheads();
+        let (dt_bias, rest) = p.heads.split_at(nh);
+        let (a_log, d_all) = rest.split_at(nh);
         let d = if cfg.d_has_hdim {
-            &p.d[h * hd..(h + 1) * hd]
+            &d_all[h * hd..(h + 1) * hd]
         } else {
-            &p.d[h..h + 1]
+            &d_all[h..h + 1]
         };
         Head {
             cfg,
             h,
-            a: -(p.a_log[h] as f64).exp(),
-            dt_bias: p.dt_bias[h],
+            a: -(a_log[h] as f64).exp(),
+            dt_bias: dt_bias[h],
             d,
             x_off: h * hd,
             b_off: cols.b + g * ds,

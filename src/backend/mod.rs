@@ -17,9 +17,9 @@ pub struct Params<B: Backend> {
     /// `(conv_dim, d_conv)`
     pub conv_weight: B::Buf,
     pub conv_bias: Option<B::Buf>,
-    pub dt_bias: B::Buf,
-    pub a_log: B::Buf,
-    pub d: B::Buf,
+    /// The per-head parameters in one buffer (fewer bindings: browsers allow 8 storage buffers
+    /// per shader): `dt_bias (nheads) | A_log (nheads) | D (nheads, or d_inner with D_has_hdim)`.
+    pub heads: B::Buf,
     pub norm_weight: Option<B::Buf>,
     pub out_proj: B::Weight,
     pub out_proj_bias: Option<B::Buf>,
@@ -80,15 +80,14 @@ impl<B: Backend> Pack<B> {
 /// request `i` owns rows `cu[i]..cu[i+1]` and starts from slot `slots[i]` (-1: zero state,
 /// nothing written). With `record[i] = -1` its final state goes back to the slot; otherwise the
 /// state after each of its tokens `t` goes to entry `record[i] * stride + t` of the intermediate
-/// buffers and the slot is left as it was.
+/// buffers and the slot is left as it was. On the device the three are one buffer,
+/// `cu (n+1) | slots (n) | record (n)`.
 pub struct Decode<B: Backend> {
     pub slots: Vec<i32>,
     pub cu: Vec<i32>,
     pub record: Vec<i32>,
     pub stride: usize,
-    pub dev_slots: B::Idx,
-    pub dev_cu: B::Idx,
-    pub dev_record: B::Idx,
+    pub dev: B::Idx,
 }
 
 impl<B: Backend> Decode<B> {

@@ -75,10 +75,9 @@ pub fn decode_batch<B: Backend>(
     record: Vec<i32>,
     stride: usize,
 ) -> Result<Decode<B>> {
+    let dev = backend.upload_idx(&[&cu[..], &slots, &record].concat())?;
     Ok(Decode {
-        dev_slots: backend.upload_idx(&slots)?,
-        dev_cu: backend.upload_idx(&cu)?,
-        dev_record: backend.upload_idx(&record)?,
+        dev,
         slots,
         cu,
         record,

@@ -167,7 +167,11 @@ impl Wgpu {
         }
         features |= have
             & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
-        let limits = adapter.limits();
+        // Everything the adapter offers, but no more storage buffers per shader than WebGPU
+        // guarantees everywhere (8), so that a native run catches a kernel that browsers refuse.
+        let mut limits = adapter.limits();
+        limits.max_storage_buffers_per_shader_stage =
+            limits.max_storage_buffers_per_shader_stage.min(8);
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("mamba-mixer"),
@@ -629,6 +633,7 @@ impl Backend for Wgpu {
         }
         let timed = self.resolve_profile();
         self.flush();
+        #[cfg(not(target_arch = "wasm32"))]
         let device = self.device.clone();
         let lost = self.lost.clone();
         let profile = self.profile.clone();
@@ -909,11 +914,9 @@ impl Backend for Wgpu {
                 (1, zxbcdt.raw()),
                 (2, p.conv_weight.raw()),
                 (3, self.opt(p.conv_bias.as_ref())),
-                (4, dec.dev_cu.raw()),
-                (5, dec.dev_slots.raw()),
                 (6, pool.raw()),
                 (7, xbc.raw()),
-                (8, dec.dev_record.raw()),
+                (8, dec.dev.raw()),
                 (9, saved),
             ],
             groups_for(n)?,
@@ -967,12 +970,10 @@ impl Backend for Wgpu {
             ])
         };
         let saved = snaps.map_or(self.dummy_rw.raw(), |b| b.raw());
-        let all: [(u32, &wgpu::Buffer); 17] = [
+        let all: [(u32, &wgpu::Buffer); 15] = [
             (1, zxbcdt.raw()),
             (2, xbc.raw()),
-            (3, p.dt_bias.raw()),
-            (4, p.a_log.raw()),
-            (5, p.d.raw()),
+            (3, p.heads.raw()),
             (6, pack.dev_cu.raw()),
             (7, pack.dev_slots.raw()),
             (8, pack.dev_seq_chunks.raw()),
@@ -1008,7 +1009,7 @@ impl Backend for Wgpu {
                 groups_for(n)?,
             )
         };
-        threads("ssd_dt", chunks * nh, &[1, 3, 4, 9, 11, 12])?;
+        threads("ssd_dt", chunks * nh, &[1, 3, 9, 11, 12])?;
         mm("MODE_CB", chunks * ng * t(q) * t(q), &[2, 9, 13])?;
         mm(
             "MODE_STATES",
@@ -1023,7 +1024,7 @@ impl Backend for Wgpu {
         mm(
             "MODE_OUT",
             chunks * nh * t(q) * t(hd),
-            &[2, 5, 9, 11, 12, 13, 14, 17],
+            &[2, 3, 9, 11, 12, 13, 14, 17],
         )
     }
 
@@ -1074,12 +1075,8 @@ impl Backend for Wgpu {
             &[
                 (1, zxbcdt.raw()),
                 (2, xbc.raw()),
-                (3, p.dt_bias.raw()),
-                (4, p.a_log.raw()),
-                (5, p.d.raw()),
-                (6, dec.dev_cu.raw()),
-                (7, dec.dev_slots.raw()),
-                (8, dec.dev_record.raw()),
+                (3, p.heads.raw()),
+                (6, dec.dev.raw()),
                 (9, pool.raw()),
                 (10, saved),
                 (11, y.raw()),
