@@ -56,28 +56,27 @@ struct Pool {
 
 /// A device buffer of f32 (or i32) values; it goes back to the pool when dropped.
 pub struct GpuBuf {
-    buf: Option<wgpu::Buffer>,
+    buf: wgpu::Buffer,
     len: usize,
     pool: Rc<RefCell<Pool>>,
 }
 
 impl GpuBuf {
     fn raw(&self) -> &wgpu::Buffer {
-        // Only `drop` takes the buffer out.
-        self.buf.as_ref().unwrap_or_else(|| unreachable!())
+        &self.buf
     }
 }
 
 impl Drop for GpuBuf {
     fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
-            self.pool
-                .borrow_mut()
-                .free
-                .entry(b.size())
-                .or_default()
-                .push(b);
-        }
+        // A handle clone: the pool keeps the buffer alive for the next user.
+        let b = self.buf.clone();
+        self.pool
+            .borrow_mut()
+            .free
+            .entry(b.size())
+            .or_default()
+            .push(b);
     }
 }
 
@@ -192,12 +191,12 @@ impl Wgpu {
         }));
         let pool = Rc::new(RefCell::new(Pool::default()));
         let dummy = |label| GpuBuf {
-            buf: Some(device.create_buffer(&wgpu::BufferDescriptor {
+            buf: device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size: 16,
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
-            })),
+            }),
             len: 4,
             pool: pool.clone(),
         };
@@ -302,7 +301,7 @@ impl Inner {
             })
         });
         Ok(GpuBuf {
-            buf: Some(buf),
+            buf,
             len: (bytes / 4) as usize,
             pool: self.pool.clone(),
         })
