@@ -7,9 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::backend::{Backend, Kind, Opened};
 use crate::config::MixerConfig;
 use crate::error::{Error, Result};
-use crate::graph::{forward as run_forward, Input, Output, Path as ExecPath};
+use crate::graph::{forward as run_forward, InputFile, Output, Path as ExecPath};
 use crate::model::Mixer;
-use crate::tensors::{write_atomic, FloatType, Raw, TensorFile};
+use crate::tensors::{write_atomic, FloatType, Raw};
 use crate::weights::Weights;
 
 #[derive(Parser, Debug)]
@@ -126,91 +126,6 @@ fn init(a: &InitArgs) -> Result<String> {
         .cast(a.dtype)
         .save(&a.output, &a.prefix)?;
     Ok(format!("wrote {}", a.output.display()))
-}
-
-/// The tensors of a `forward` input file, checked against the config.
-struct InputFile {
-    hidden: Vec<f32>,
-    seq_len: usize,
-    batch: usize,
-    cu_seqlens: Option<Vec<i32>>,
-    conv_state: Option<Vec<f32>>,
-    ssm_state: Option<Vec<f32>>,
-}
-
-const INPUT_NAMES: [&str; 4] = ["hidden_states", "cu_seqlens", "conv_state", "ssm_state"];
-
-impl InputFile {
-    fn read(path: &Path, cfg: &MixerConfig) -> Result<Self> {
-        let file = TensorFile::read(path)?;
-        let at = || path.display();
-        if let Some(extra) = file
-            .names()
-            .into_iter()
-            .find(|n| !INPUT_NAMES.contains(&n.as_str()))
-        {
-            return Err(Error::tensor(
-                extra,
-                format!("unexpected in {} (an input holds {INPUT_NAMES:?})", at()),
-            ));
-        }
-        let shape = file
-            .shape("hidden_states")
-            .ok_or_else(|| Error::tensor("hidden_states", format!("missing from {}", at())))?;
-        let [l, b, d] = shape[..] else {
-            return Err(Error::tensor(
-                "hidden_states",
-                format!(
-                    "in {}: expected shape (L, B, {}), got {shape:?}",
-                    at(),
-                    cfg.d_model
-                ),
-            ));
-        };
-        if d != cfg.d_model {
-            return Err(Error::tensor(
-                "hidden_states",
-                format!(
-                    "in {}: expected shape (L, B, d_model={}), got {shape:?}",
-                    at(),
-                    cfg.d_model
-                ),
-            ));
-        }
-        let hidden = file.f32_exact("hidden_states", &shape)?.unwrap_or_default();
-        let cu_seqlens = file.i32_vector("cu_seqlens")?;
-        if let Some(cu) = &cu_seqlens {
-            crate::graph::check_cu_seqlens(cu, l, b)?;
-        }
-        let n = cu_seqlens.as_ref().map_or(b, |cu| cu.len() - 1);
-        let (conv, ssm) = cfg.state_shapes_per_request();
-        let with_n = |s: &[usize]| [&[n], s].concat();
-        Ok(InputFile {
-            hidden,
-            seq_len: l,
-            batch: b,
-            conv_state: file.f32_exact("conv_state", &with_n(&conv))?,
-            ssm_state: file.f32_exact("ssm_state", &with_n(&ssm))?,
-            cu_seqlens,
-        })
-    }
-
-    fn as_input(&self) -> Input<'_> {
-        Input {
-            hidden: &self.hidden,
-            seq_len: self.seq_len,
-            batch: self.batch,
-            cu_seqlens: self.cu_seqlens.as_deref(),
-            conv_state: self.conv_state.as_deref(),
-            ssm_state: self.ssm_state.as_deref(),
-        }
-    }
-
-    fn sequences(&self) -> usize {
-        self.cu_seqlens
-            .as_ref()
-            .map_or(self.batch, |cu| cu.len() - 1)
-    }
 }
 
 fn forward(a: &ForwardArgs) -> Result<String> {

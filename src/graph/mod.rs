@@ -7,7 +7,7 @@ mod engine;
 mod paths;
 
 pub use engine::{Engine, EngineConfig, Request, RequestOutput, SnapshotId, Work};
-pub use paths::{check_cu_seqlens, forward, Input, Output, Path};
+pub use paths::{check_cu_seqlens, forward, Input, InputFile, Output, Path};
 
 use crate::backend::{Backend, Decode, Pack, Snap, States};
 use crate::error::Result;

@@ -1,6 +1,7 @@
 //! Whole inputs through the engine: the `(L, B, d_model)` layout of Megatron, packed sequences,
 //! initial and final states, and the four ways to feed the tokens.
 
+use std::path::Path as FsPath;
 use std::str::FromStr;
 
 use super::engine::{Engine, EngineConfig, Request, Work};
@@ -8,6 +9,7 @@ use crate::backend::Backend;
 use crate::config::MixerConfig;
 use crate::error::{Error, Result};
 use crate::model::Mixer;
+use crate::tensors::TensorFile;
 
 /// A full-sequence input as Megatron lays it out: `hidden (L, B, d_model)`, optionally packed
 /// (`cu_seqlens`, then B = 1) and optionally with per-sequence initial states.
@@ -120,6 +122,96 @@ impl Input<'_> {
         check("conv_state", self.conv_state, &conv)?;
         check("ssm_state", self.ssm_state, &ssm)?;
         Ok(rows)
+    }
+}
+
+/// The tensors of a `forward` input file, checked against the config.
+pub struct InputFile {
+    pub hidden: Vec<f32>,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub cu_seqlens: Option<Vec<i32>>,
+    pub conv_state: Option<Vec<f32>>,
+    pub ssm_state: Option<Vec<f32>>,
+}
+
+const INPUT_NAMES: [&str; 4] = ["hidden_states", "cu_seqlens", "conv_state", "ssm_state"];
+
+impl InputFile {
+    pub fn read(path: &FsPath, cfg: &MixerConfig) -> Result<Self> {
+        Self::from_file(&TensorFile::read(path)?, cfg)
+    }
+
+    /// The input tensors of an already read file (a browser has no paths, only bytes).
+    pub fn from_file(file: &TensorFile, cfg: &MixerConfig) -> Result<Self> {
+        let at = || file.path().display();
+        if let Some(extra) = file
+            .names()
+            .into_iter()
+            .find(|n| !INPUT_NAMES.contains(&n.as_str()))
+        {
+            return Err(Error::tensor(
+                extra,
+                format!("unexpected in {} (an input holds {INPUT_NAMES:?})", at()),
+            ));
+        }
+        let shape = file
+            .shape("hidden_states")
+            .ok_or_else(|| Error::tensor("hidden_states", format!("missing from {}", at())))?;
+        let [l, b, d] = shape[..] else {
+            return Err(Error::tensor(
+                "hidden_states",
+                format!(
+                    "in {}: expected shape (L, B, {}), got {shape:?}",
+                    at(),
+                    cfg.d_model
+                ),
+            ));
+        };
+        if d != cfg.d_model {
+            return Err(Error::tensor(
+                "hidden_states",
+                format!(
+                    "in {}: expected shape (L, B, d_model={}), got {shape:?}",
+                    at(),
+                    cfg.d_model
+                ),
+            ));
+        }
+        let hidden = file.f32_exact("hidden_states", &shape)?.unwrap_or_default();
+        let cu_seqlens = file.i32_vector("cu_seqlens")?;
+        if let Some(cu) = &cu_seqlens {
+            check_cu_seqlens(cu, l, b)?;
+        }
+        let n = cu_seqlens.as_ref().map_or(b, |cu| cu.len() - 1);
+        let (conv, ssm) = cfg.state_shapes_per_request();
+        let with_n = |s: &[usize]| [&[n], s].concat();
+        Ok(InputFile {
+            hidden,
+            seq_len: l,
+            batch: b,
+            conv_state: file.f32_exact("conv_state", &with_n(&conv))?,
+            ssm_state: file.f32_exact("ssm_state", &with_n(&ssm))?,
+            cu_seqlens,
+        })
+    }
+
+    pub fn as_input(&self) -> Input<'_> {
+        Input {
+            hidden: &self.hidden,
+            seq_len: self.seq_len,
+            batch: self.batch,
+            cu_seqlens: self.cu_seqlens.as_deref(),
+            conv_state: self.conv_state.as_deref(),
+            ssm_state: self.ssm_state.as_deref(),
+        }
+    }
+
+    /// N: the batch, or the packed sequences.
+    pub fn sequences(&self) -> usize {
+        self.cu_seqlens
+            .as_ref()
+            .map_or(self.batch, |cu| cu.len() - 1)
     }
 }
 

@@ -12,6 +12,7 @@ use wasm_bindgen::JsCast;
 
 use mamba_mixer::backend::wgpu::{Wgpu, WgpuOptions};
 use mamba_mixer::backend::Backend;
+use mamba_mixer::graph::InputFile;
 use mamba_mixer::tensors::TensorFile;
 use mamba_mixer::{forward, Cpu, Error, Input, Mixer, MixerConfig, Output, Path, Result, Weights};
 
@@ -96,62 +97,6 @@ pub async fn browser_adapter() -> std::result::Result<String, JsValue> {
     Ok(out)
 }
 
-/// An input file's tensors: `hidden_states (L, B, d_model)`, optional `cu_seqlens`,
-/// `conv_state` and `ssm_state`.
-struct InputTensors {
-    hidden: Vec<f32>,
-    seq_len: usize,
-    batch: usize,
-    cu_seqlens: Option<Vec<i32>>,
-    conv_state: Option<Vec<f32>>,
-    ssm_state: Option<Vec<f32>>,
-}
-
-impl InputTensors {
-    fn parse(name: &str, bytes: &[u8], cfg: &MixerConfig) -> Result<Self> {
-        let file = TensorFile::from_bytes(FsPath::new(name), bytes.to_vec())?;
-        let shape = file.shape("hidden_states").ok_or_else(|| Error::Tensor {
-            name: "hidden_states".into(),
-            msg: format!("missing from {name}"),
-        })?;
-        let [l, b, d] = shape[..] else {
-            return Err(Error::Tensor {
-                name: "hidden_states".into(),
-                msg: format!("expected shape (L, B, d_model), got {shape:?}"),
-            });
-        };
-        if d != cfg.d_model {
-            return Err(Error::Tensor {
-                name: "hidden_states".into(),
-                msg: format!("expected d_model {}, got {shape:?}", cfg.d_model),
-            });
-        }
-        let cu_seqlens = file.i32_vector("cu_seqlens")?;
-        let n = cu_seqlens.as_ref().map_or(b, |cu| cu.len() - 1);
-        let (conv, ssm) = cfg.state_shapes_per_request();
-        let with_n = |s: &[usize]| [&[n], s].concat();
-        Ok(InputTensors {
-            hidden: file.f32_exact("hidden_states", &shape)?.unwrap_or_default(),
-            seq_len: l,
-            batch: b,
-            conv_state: file.f32_exact("conv_state", &with_n(&conv))?,
-            ssm_state: file.f32_exact("ssm_state", &with_n(&ssm))?,
-            cu_seqlens,
-        })
-    }
-
-    fn input(&self) -> Input<'_> {
-        Input {
-            hidden: &self.hidden,
-            seq_len: self.seq_len,
-            batch: self.batch,
-            cu_seqlens: self.cu_seqlens.as_deref(),
-            conv_state: self.conv_state.as_deref(),
-            ssm_state: self.ssm_state.as_deref(),
-        }
-    }
-}
-
 async fn timed<B: Backend>(m: &Mixer<B>, input: &Input<'_>, path: Path) -> Result<(Output, f64)> {
     let t0 = now_ms();
     let out = forward(m, input, path).await?;
@@ -164,8 +109,9 @@ async fn tiny(path: &str) -> Result<String> {
     let cfg = MixerConfig::from_json(TINY_CONFIG)?;
     let file = TensorFile::from_bytes(FsPath::new("weights.safetensors"), TINY_WEIGHTS.to_vec())?;
     let weights = Weights::from_file(&file, &cfg, "")?;
-    let data = InputTensors::parse("input.safetensors", TINY_INPUT, &cfg)?;
-    let input = data.input();
+    let file = TensorFile::from_bytes(FsPath::new("input.safetensors"), TINY_INPUT.to_vec())?;
+    let data = InputFile::from_file(&file, &cfg)?;
+    let input = data.as_input();
 
     let gpu = webgpu().await?;
     let software = gpu.is_software();
@@ -182,7 +128,7 @@ async fn tiny(path: &str) -> Result<String> {
     Ok(serde_json::json!({
         "path": path.to_string(),
         "tokens": data.seq_len * data.batch,
-        "sequences": data.cu_seqlens.as_ref().map_or(data.batch, |cu| cu.len() - 1),
+        "sequences": data.sequences(),
         "adapter": adapter,
         "software_adapter": software,
         "rel_l2_output": rel_l2(&gpu_out.output, &cpu_out.output),
