@@ -227,7 +227,7 @@ pub trait Backend: Sized {
 /// Which backend to run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kind {
-    /// The fastest available: CUDA, then wgpu, then the CPU.
+    /// wgpu on a hardware GPU when there is one, else the CPU.
     Auto,
     Cpu,
     Wgpu,
