@@ -640,44 +640,21 @@ impl Backend for Wgpu {
         Box::pin(async move {
             let mut out = Vec::with_capacity(staged.len());
             for (stage, len) in &staged {
-                let (tx, rx) = futures_channel::oneshot::channel();
-                stage.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-                    let _ = tx.send(r);
-                });
-                // Natively this waits for the GPU; in a browser it returns and the map resolves
-                // from the event loop.
-                #[cfg(not(target_arch = "wasm32"))]
-                device
-                    .poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| err(format!("device poll failed: {e}")))?;
-                rx.await
-                    .map_err(|_| err("the readback was dropped"))?
-                    .map_err(|e| err(format!("readback failed: {e}")))?;
-                let view = stage
-                    .slice(..)
-                    .get_mapped_range()
-                    .map_err(|e| err(format!("readback failed: {e}")))?;
-                out.push(bytemuck::pod_collect_to_vec::<u8, f32>(&view)[..*len].to_vec());
-                drop(view);
-                stage.unmap();
+                let words: Vec<f32> = map_read(
+                    stage,
+                    #[cfg(not(target_arch = "wasm32"))]
+                    &device,
+                )
+                .await?;
+                out.push(words[..*len].to_vec());
             }
             if let Some((stage, entries)) = timed {
-                let (tx, rx) = futures_channel::oneshot::channel();
-                stage.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-                    let _ = tx.send(r);
-                });
-                #[cfg(not(target_arch = "wasm32"))]
-                device
-                    .poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| err(format!("device poll failed: {e}")))?;
-                rx.await
-                    .map_err(|_| err("the readback was dropped"))?
-                    .map_err(|e| err(format!("timestamp readback failed: {e}")))?;
-                let view = stage
-                    .slice(..)
-                    .get_mapped_range()
-                    .map_err(|e| err(format!("timestamp readback failed: {e}")))?;
-                let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&view);
+                let ticks: Vec<u64> = map_read(
+                    &stage,
+                    #[cfg(not(target_arch = "wasm32"))]
+                    &device,
+                )
+                .await?;
                 let mut out = profile.borrow_mut();
                 for (i, entry) in entries.into_iter().enumerate() {
                     let ns = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
@@ -1118,6 +1095,33 @@ impl Backend for Wgpu {
             u(groups)?,
         )
     }
+}
+
+/// Maps a readback buffer and copies its contents out. Natively this waits for the GPU; in a
+/// browser the map resolves from the event loop.
+async fn map_read<T: bytemuck::Pod>(
+    stage: &wgpu::Buffer,
+    #[cfg(not(target_arch = "wasm32"))] device: &wgpu::Device,
+) -> Result<Vec<T>> {
+    let (tx, rx) = futures_channel::oneshot::channel();
+    stage.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    #[cfg(not(target_arch = "wasm32"))]
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| err(format!("device poll failed: {e}")))?;
+    rx.await
+        .map_err(|_| err("the readback was dropped"))?
+        .map_err(|e| err(format!("readback failed: {e}")))?;
+    let view = stage
+        .slice(..)
+        .get_mapped_range()
+        .map_err(|e| err(format!("readback failed: {e}")))?;
+    let out = bytemuck::pod_collect_to_vec(&view);
+    drop(view);
+    stage.unmap();
+    Ok(out)
 }
 
 /// The bindings of `all` that an entry point uses (auto layouts hold only those).
