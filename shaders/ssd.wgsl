@@ -55,21 +55,6 @@ fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return (wid.x + wid.y * nwg.x) * 64u + lid.x;
 }
 
-fn dt_of(raw: f32, h: u32) -> f32 {
-    let v = raw + heads[h];
-    var d = v;
-    if (v <= 20.0) {
-        d = log(1.0 + exp(v));
-    }
-    if (p.has_lo != 0u) {
-        d = max(d, p.dt_lo);
-    }
-    if (p.has_hi != 0u) {
-        d = min(d, p.dt_hi);
-    }
-    return d;
-}
-
 // The chunk that owns row r: the last c with chunk_rows[c] <= r.
 fn chunk_of(r: u32) -> u32 {
     var lo = 0u;

@@ -40,21 +40,6 @@ const ROWS: u32 = 8u;
 
 var<workgroup> partial: array<f32, WG>;
 
-fn dt_of(raw: f32, h: u32) -> f32 {
-    let v = raw + heads[h];
-    var d = v;
-    if (v <= 20.0) {
-        d = log(1.0 + exp(v));
-    }
-    if (p.has_lo != 0u) {
-        d = max(d, p.dt_lo);
-    }
-    if (p.has_hi != 0u) {
-        d = min(d, p.dt_hi);
-    }
-    return d;
-}
-
 // Columns lane, lane + 32, lane + 64, lane + 96 (plus `first`) of a row at `base` of xbc or of a
 // state buffer, zero past d_state.
 fn load4(buf: u32, base: u32, lane: u32, first: u32) -> vec4<f32> {

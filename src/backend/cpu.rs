@@ -74,6 +74,40 @@ struct Scanned {
     recorded: Vec<(usize, Vec<f32>)>,
 }
 
+/// Writes what the (group, head) tasks of a scan produced, task `g * nh + h`: the group's rows
+/// of y from row `start(g)`, its final state into slot `keep(g)` if any, and the states it
+/// recorded into `saved` (entry `e` of `saved` holds one state of every head).
+#[allow(clippy::too_many_arguments)]
+fn write_back(
+    what: &str,
+    results: Vec<Scanned>,
+    (nh, hd, di): (usize, usize, usize),
+    start: impl Fn(usize) -> usize,
+    keep: impl Fn(usize) -> Option<usize>,
+    y: &mut [f32],
+    pool: &mut [f32],
+    mut saved: Option<&mut Vec<f32>>,
+) -> Result<()> {
+    for (task, res) in results.into_iter().enumerate() {
+        let (g, h) = (task / nh, task % nh);
+        let sl = res.state.len();
+        for (i, row) in res.out.chunks(hd).enumerate() {
+            y[(start(g) + i) * di + h * hd..][..hd].copy_from_slice(row);
+        }
+        if let Some(slot) = keep(g) {
+            pool[(slot * nh + h) * sl..][..sl].copy_from_slice(&res.state);
+        }
+        if let Some(buf) = saved.as_deref_mut() {
+            for (entry, st) in res.recorded {
+                let at = (entry * nh + h) * sl;
+                check_len(what, buf.len(), at + sl)?;
+                buf[at..at + sl].copy_from_slice(&st);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Column offsets inside one row of in_proj's output and of the conv's output.
 struct Cols {
     /// in_proj row: xBC starts here (after z).
@@ -437,25 +471,19 @@ impl Backend for Cpu {
                 }
             })
             .collect();
-        let mut snaps = snaps;
-        for (task, res) in results.into_iter().enumerate() {
-            let (seq, h) = (task / nh, task % nh);
-            let start = pack.cu[seq] as usize;
-            for (i, row) in res.out.chunks(hd).enumerate() {
-                y[(start + i) * di + h * hd..][..hd].copy_from_slice(row);
-            }
-            let slot = pack.slots[seq];
-            if slot >= 0 {
-                pool[(slot as usize * nh + h) * sl..][..sl].copy_from_slice(&res.state);
-            }
-            if let Some(buf) = snaps.as_deref_mut() {
-                for (dest, st) in res.recorded {
-                    let at = (dest * nh + h) * sl;
-                    check_len("ssd_scan snapshots", buf.len(), at + sl)?;
-                    buf[at..at + sl].copy_from_slice(&st);
-                }
-            }
-        }
+        let start = |seq: usize| pack.cu[seq] as usize;
+        let keep = |seq: usize| usize::try_from(pack.slots[seq]).ok();
+        let dims = (nh, hd, di);
+        write_back(
+            "ssd_scan snapshots",
+            results,
+            dims,
+            start,
+            keep,
+            y,
+            pool,
+            snaps,
+        )?;
         Ok(())
     }
 
@@ -509,25 +537,24 @@ impl Backend for Cpu {
                 }
             })
             .collect();
-        let mut inter = inter;
-        for (task, res) in results.into_iter().enumerate() {
-            let (i, h) = (task / nh, task % nh);
-            let r0 = dec.cu[i] as usize;
-            for (t, row) in res.out.chunks(hd).enumerate() {
-                y[(r0 + t) * di + h * hd..][..hd].copy_from_slice(row);
-            }
-            let slot = dec.slots[i];
-            if dec.record[i] < 0 && slot >= 0 {
-                pool[(slot as usize * nh + h) * sl..][..sl].copy_from_slice(&res.state);
-            }
-            if let Some(buf) = inter.as_deref_mut() {
-                for (entry, st) in res.recorded {
-                    let at = (entry * nh + h) * sl;
-                    check_len("state_update intermediates", buf.len(), at + sl)?;
-                    buf[at..at + sl].copy_from_slice(&st);
-                }
-            }
-        }
+        let start = |i: usize| dec.cu[i] as usize;
+        // A recording request leaves its slot alone.
+        let keep = |i: usize| {
+            (dec.record[i] < 0)
+                .then_some(dec.slots[i])
+                .and_then(|s| usize::try_from(s).ok())
+        };
+        let dims = (nh, hd, di);
+        write_back(
+            "state_update intermediates",
+            results,
+            dims,
+            start,
+            keep,
+            y,
+            pool,
+            inter,
+        )?;
         Ok(())
     }
 

@@ -6,10 +6,19 @@
 pub const MATMUL: (&str, &str) = ("matmul", include_str!("../../../shaders/matmul.wgsl"));
 pub const MATVEC: (&str, &str) = ("matvec", include_str!("../../../shaders/matvec.wgsl"));
 pub const CONV: (&str, &str) = ("conv", include_str!("../../../shaders/conv.wgsl"));
-pub const SSD: (&str, &str) = ("ssd", include_str!("../../../shaders/ssd.wgsl"));
+pub const SSD: (&str, &str) = (
+    "ssd",
+    concat!(
+        include_str!("../../../shaders/ssd.wgsl"),
+        include_str!("../../../shaders/dt.wgsl")
+    ),
+);
 pub const STATE_UPDATE: (&str, &str) = (
     "state_update",
-    include_str!("../../../shaders/state_update.wgsl"),
+    concat!(
+        include_str!("../../../shaders/state_update.wgsl"),
+        include_str!("../../../shaders/dt.wgsl")
+    ),
 );
 pub const GATED_NORM: (&str, &str) = (
     "gated_norm",
