@@ -1,6 +1,6 @@
 // out (rows, n) = x (rows, k) . w^T + bias, w stored (n, k) row-major, each row padded to
 // `row_words` words. Defines: W_F32 (w is f32), W_F16 (two f16 per u32, or read as f16 pairs with
-// F16_NATIVE), W_BF16 (two bf16 per u32). Tiles of 64x64 outputs, 16x16 threads of 4x4.
+// F16_NATIVE), W_BF16 (two bf16 per u32). matmul: tiles of 64x64 outputs, 16x16 threads of 4x4.
 
 struct Params {
     rows: u32,
@@ -120,4 +120,136 @@ fn store_row(r: u32, j: u32, v: vec4<f32>) {
             out[r * p.n + c] = o;
         }
     }
+}
+
+// matmul_wide: the same product in tiles of 128x128 outputs for many rows (prefill): 256
+// threads of 8x8 outputs each (rows ty*4.. and 64 + ty*4.., columns tx*4.. and 64 + tx*4..), k in
+// steps of 8 through workgroup memory as vec4 rows, so each step is 4 vector reads and 64 FMAs.
+
+const WIDE: u32 = 128u;
+const WK: u32 = 8u;
+// Vec4s per k row of a tile; the weight tile's rows are padded by one against bank conflicts.
+const XROW: u32 = 32u;
+const WROW: u32 = 33u;
+
+var<workgroup> xt: array<vec4<f32>, 256>;
+var<workgroup> wt: array<vec4<f32>, 264>;
+
+// Weights k and k + 1 (k even) of column j; rows are padded with zeros to whole 16-byte vectors,
+// so k + 1 is in the row.
+fn wpair(j: u32, k: u32) -> vec2<f32> {
+#if W_F32
+    return vec2<f32>(w[j * p.row_words + k], w[j * p.row_words + k + 1u]);
+#else
+#if F16_NATIVE
+    return vec2<f32>(w[j * p.row_words + k / 2u]);
+#else
+    let word = w[j * p.row_words + k / 2u];
+#if W_F16
+    return unpack2x16float(word);
+#else
+    return vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));
+#endif
+#endif
+#endif
+}
+
+// Eight outputs of one row: columns tx*4.. (lo) and 64 + tx*4.. (hi).
+struct Row8 {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+fn mac(c: Row8, a: f32, b0: vec4<f32>, b1: vec4<f32>) -> Row8 {
+    return Row8(fma(vec4<f32>(a), b0, c.lo), fma(vec4<f32>(a), b1, c.hi));
+}
+
+fn store8(r: u32, j: u32, c: Row8) {
+    if (r >= p.rows) {
+        return;
+    }
+    for (var f = 0u; f < 8u; f++) {
+        let col = j + (f % 4u) + (f / 4u) * 64u;
+        if (col < p.n) {
+            var o = select(c.lo[f % 4u], c.hi[f % 4u], f >= 4u);
+            if (p.has_bias != 0u) {
+                o += bias[col];
+            }
+            out[r * p.n + col] = o;
+        }
+    }
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn matmul_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_id) lid: vec3<u32>) {
+    let g = wid.x + wid.y * nwg.x;
+    if (g >= p.groups) {
+        return;
+    }
+    let r0 = (g / p.tiles_n) * WIDE;
+    let j0 = (g % p.tiles_n) * WIDE;
+    let t = lid.x;
+    let tx = t % 16u;
+    let ty = t / 16u;
+    var c0: Row8;
+    var c1: Row8;
+    var c2: Row8;
+    var c3: Row8;
+    var c4: Row8;
+    var c5: Row8;
+    var c6: Row8;
+    var c7: Row8;
+    // Loads: x as 4 consecutive k of one row per thread, w as 2 pairs of one column.
+    let xr = t / 2u;
+    let xk = (t % 2u) * 4u;
+    for (var k0 = 0u; k0 < p.k; k0 += WK) {
+        let gr = r0 + xr;
+        for (var u = 0u; u < 4u; u++) {
+            let gk = k0 + xk + u;
+            var v = 0.0;
+            if (gr < p.rows && gk < p.k) {
+                v = x[gr * p.k + gk];
+            }
+            xt[(xk + u) * XROW + xr / 4u][xr % 4u] = v;
+        }
+        for (var i = 0u; i < 2u; i++) {
+            let e = t + i * 256u;
+            let col = e / 4u;
+            let kk = (e % 4u) * 2u;
+            let gj = j0 + col;
+            let gk = k0 + kk;
+            var v = vec2<f32>(0.0);
+            if (gj < p.n && gk < p.k) {
+                v = wpair(gj, gk);
+            }
+            wt[kk * WROW + col / 4u][col % 4u] = v.x;
+            wt[(kk + 1u) * WROW + col / 4u][col % 4u] = v.y;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < WK; kk++) {
+            let a0 = xt[kk * XROW + ty];
+            let a1 = xt[kk * XROW + 16u + ty];
+            let b0 = wt[kk * WROW + tx];
+            let b1 = wt[kk * WROW + 16u + tx];
+            c0 = mac(c0, a0.x, b0, b1);
+            c1 = mac(c1, a0.y, b0, b1);
+            c2 = mac(c2, a0.z, b0, b1);
+            c3 = mac(c3, a0.w, b0, b1);
+            c4 = mac(c4, a1.x, b0, b1);
+            c5 = mac(c5, a1.y, b0, b1);
+            c6 = mac(c6, a1.z, b0, b1);
+            c7 = mac(c7, a1.w, b0, b1);
+        }
+        workgroupBarrier();
+    }
+    let j = j0 + tx * 4u;
+    store8(r0 + ty * 4u, j, c0);
+    store8(r0 + ty * 4u + 1u, j, c1);
+    store8(r0 + ty * 4u + 2u, j, c2);
+    store8(r0 + ty * 4u + 3u, j, c3);
+    store8(r0 + 64u + ty * 4u, j, c4);
+    store8(r0 + 64u + ty * 4u + 1u, j, c5);
+    store8(r0 + 64u + ty * 4u + 2u, j, c6);
+    store8(r0 + 64u + ty * 4u + 3u, j, c7);
 }

@@ -1,8 +1,17 @@
 // out (rows, n) = x (rows, k) . w^T + bias for few rows (decode): R rows (a define, at most 4),
-// k a multiple of 4 (x read as vec4), w stored (n, k) with each row padded to a whole number of
-// 16-byte vectors (`row_vecs` of them). Defines: W_F32, W_F16 or W_BF16. One workgroup per 32
-// output columns: 8 groups of 32 lanes, each lane 4 columns, so every x vector loaded serves four
-// weight vectors; the weights are read once, 16 bytes per lane, coalesced.
+// k a multiple of 4, w stored (n, k) with each row padded to a whole number of 16-byte vectors
+// (`row_vecs` of them). Defines: W_F32, W_F16 or W_BF16; SUBGROUPS. A workgroup is 8 warps of 32
+// lanes; each warp owns one output column and its lanes stream the weight row 16 bytes at a time
+// (coalesced, read once). One column per warp measured fastest on the H200 (more warps in flight
+// beat x vectors shared by several columns), up to 4 rows.
+//
+// Two variants make the decode pass three dispatches:
+// CONV (in_proj, no bias): each xBC column (off .. off + cd) is one conv channel, owned by one
+// lane, which runs the causal depthwise conv + bias + SiLU over each request's tokens, updates the
+// channel's conv state (or records it after every token) and stores the conv's output in place.
+// GATED (out_proj): x holds the gated, weighted values u of the decode update (state_update.wgsl,
+// FUSED), which also left a sum of squares per (row, head, 8 state rows); each group's partial dot
+// product is scaled by its RMSNorm factor 1 / sqrt(mean + eps), summed here from those partials.
 
 struct Params {
     rows: u32,
@@ -11,8 +20,18 @@ struct Params {
     row_vecs: u32,
     has_bias: u32,
     groups: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // CONV
+    off: u32,
+    cd: u32,
+    dc: u32,
+    reqs: u32,
+    stride: u32,
+    has_cbias: u32,
+    // GATED: groups of the norm, partials per group, values per group, eps.
+    ng: u32,
+    parts: u32,
+    gs: u32,
+    eps: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -22,14 +41,39 @@ struct Params {
 #else
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 #endif
+#if CONV
+@group(0) @binding(3) var<storage, read> conv_w: array<f32>;
+#else
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
+#endif
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+#if CONV
+@group(0) @binding(5) var<storage, read> conv_b: array<f32>;
+// cu (reqs + 1) | slots (reqs) | record (reqs)
+@group(0) @binding(6) var<storage, read> info: array<i32>;
+@group(0) @binding(7) var<storage, read_write> pool: array<f32>;
+@group(0) @binding(8) var<storage, read_write> saved: array<f32>;
+#endif
+#if GATED
+// (rows, heads, blocks) sums of squares, a group's partials contiguous.
+@group(0) @binding(5) var<storage, read> part: array<f32>;
+#endif
 
 const LANES: u32 = 32u;
-const CPT: u32 = 4u;
-const COLS: u32 = 32u;
+const WARPS: u32 = 8u;
+const WG: u32 = 256u;
+#if W_F32
+// x vectors per weight vector.
+const XPW: u32 = 1u;
+#else
+const XPW: u32 = 2u;
+#endif
 
-var<workgroup> red: array<vec4<f32>, 256>;
+var<workgroup> red: array<vec4<f32>, WG>;
+#if GATED
+// Per (row, group): the RMSNorm factor.
+var<workgroup> scale: array<f32, 64>;
+#endif
 
 fn widen(word: u32) -> vec2<f32> {
 #if W_F16
@@ -48,89 +92,218 @@ fn xv(r: u32, v: u32) -> vec4<f32> {
     return x[min(r * (p.k / 4u) + v, arrayLength(&x) - 1u)];
 }
 
-// Column j against rows 0..3 at weight vector i, given the x vectors of that span.
-fn col(j: u32, i: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
-       y0: vec4<f32>, y1: vec4<f32>, y2: vec4<f32>, y3: vec4<f32>) -> vec4<f32> {
-    if (j >= p.n) {
-        return vec4<f32>(0.0);
+// The x values under one weight vector, per row: a (first 4), b (next 4 with 16-bit weights).
+// Plain variables rather than arrays, so that nothing lands in local memory.
+struct Span {
+    a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3: vec4<f32>,
+    b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>,
+}
+
+fn span(i: u32) -> Span {
+    var s: Span;
+    let v = i * XPW;
+    s.a0 = xv(0u, v);
+    if (R > 1u) { s.a1 = xv(1u, v); }
+    if (R > 2u) { s.a2 = xv(2u, v); }
+    if (R > 3u) { s.a3 = xv(3u, v); }
+    if (XPW > 1u) {
+        s.b0 = xv(0u, v + 1u);
+        if (R > 1u) { s.b1 = xv(1u, v + 1u); }
+        if (R > 2u) { s.b2 = xv(2u, v + 1u); }
+        if (R > 3u) { s.b3 = xv(3u, v + 1u); }
     }
-    let q = w[j * p.row_vecs + i];
+    return s;
+}
+
 #if W_F32
-    return vec4<f32>(dot(q, x0), dot(q, x1), dot(q, x2), dot(q, x3));
+alias WVec = vec4<f32>;
 #else
-    let a = vec4<f32>(widen(q.x), widen(q.y));
-    let b = vec4<f32>(widen(q.z), widen(q.w));
-    return vec4<f32>(dot(a, x0) + dot(b, y0), dot(a, x1) + dot(b, y1),
-                     dot(a, x2) + dot(b, y2), dot(a, x3) + dot(b, y3));
+alias WVec = vec4<u32>;
+#endif
+
+// Weight vector i of column j (zero past the last column).
+fn wload(j: u32, i: u32) -> WVec {
+    if (j >= p.n) {
+        return WVec();
+    }
+    return w[j * p.row_vecs + i];
+}
+
+// One weight vector against the rows of `s`: one value per row.
+fn dots(q: WVec, s: Span) -> vec4<f32> {
+#if W_F32
+    return vec4<f32>(dot(q, s.a0), dot(q, s.a1), dot(q, s.a2), dot(q, s.a3));
+#else
+    let qa = vec4<f32>(widen(q.x), widen(q.y));
+    let qb = vec4<f32>(widen(q.z), widen(q.w));
+    return vec4<f32>(dot(qa, s.a0) + dot(qb, s.b0), dot(qa, s.a1) + dot(qb, s.b1),
+                     dot(qa, s.a2) + dot(qb, s.b2), dot(qa, s.a3) + dot(qb, s.b3));
 #endif
 }
 
+// This lane's share of weight vectors start..end of column j: two spans a step, both weight
+// vectors loaded before either is used, so each lane keeps two loads in flight.
+fn stream(start: u32, end: u32, lane: u32, j: u32) -> vec4<f32> {
+    var acc = vec4<f32>(0.0);
+    for (var i = start + lane; i < end; i += 2u * LANES) {
+        let i2 = min(i + LANES, end - 1u);
+        let q = wload(j, i);
+        let q2 = wload(j, i2);
+        let keep = select(0.0, 1.0, i + LANES < end);
+        acc += dots(q, span(i)) + keep * dots(q2, span(i2));
+    }
+    return acc;
+}
+
+// The sum over the 32 lanes of a warp, in every lane: subgroup shuffles where subgroups are at
+// least 32 wide, a tree in workgroup memory otherwise (called by every invocation alike).
+fn lane_sum(v: vec4<f32>, t: u32, width: u32) -> vec4<f32> {
+#if SUBGROUPS
+    if (width >= LANES) {
+        var s = v;
+        s += subgroupShuffleXor(s, 16u);
+        s += subgroupShuffleXor(s, 8u);
+        s += subgroupShuffleXor(s, 4u);
+        s += subgroupShuffleXor(s, 2u);
+        s += subgroupShuffleXor(s, 1u);
+        return s;
+    }
+#endif
+    let lane = t % LANES;
+    red[t] = v;
+    workgroupBarrier();
+    for (var off = LANES / 2u; off > 0u; off /= 2u) {
+        if (lane < off) {
+            red[t] += red[t + off];
+        }
+        workgroupBarrier();
+    }
+    let total = red[t - lane];
+    workgroupBarrier();
+    return total;
+}
+
+#if CONV
+// Channel c's conv over each request's tokens, whose in_proj values are v (one per row).
+fn conv_channel(j: u32, v: vec4<f32>) {
+    let c = j - p.off;
+    var bias_c = 0.0;
+    if (p.has_cbias != 0u) {
+        bias_c = conv_b[c];
+    }
+    for (var i = 0u; i < p.reqs; i++) {
+        let slot = info[p.reqs + 1u + i];
+        let rec = info[2u * p.reqs + 1u + i];
+        let at = (u32(max(slot, 0)) * p.cd + c) * p.dc;
+        // The window of the last dc inputs, oldest first.
+        var win: array<f32, 8>;
+        for (var t = 0u; t < p.dc; t++) {
+            win[t] = 0.0;
+            if (slot >= 0) {
+                win[t] = pool[at + t];
+            }
+        }
+        let r0 = u32(info[i]);
+        let r1 = u32(info[i + 1u]);
+        for (var r = r0; r < r1; r++) {
+            var acc = bias_c;
+            for (var t = 0u; t + 1u < p.dc; t++) {
+                win[t] = win[t + 1u];
+                acc = fma(win[t], conv_w[c * p.dc + t], acc);
+            }
+            win[p.dc - 1u] = v[r];
+            acc = fma(v[r], conv_w[c * p.dc + p.dc - 1u], acc);
+            out[r * p.n + j] = acc / (1.0 + exp(-acc));
+            if (rec >= 0) {
+                let o = ((u32(rec) * p.stride + (r - r0)) * p.cd + c) * p.dc;
+                for (var t = 0u; t < p.dc; t++) {
+                    saved[o + t] = win[t];
+                }
+            }
+        }
+        if (rec < 0 && slot >= 0) {
+            for (var t = 0u; t < p.dc; t++) {
+                pool[at + t] = win[t];
+            }
+        }
+    }
+}
+#endif
+
 @compute @workgroup_size(256, 1, 1)
 fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+#if SUBGROUPS
+          @builtin(subgroup_size) width: u32,
+#endif
           @builtin(local_invocation_id) lid: vec3<u32>) {
+#if SUBGROUPS
+#else
+    let width = 1u;
+#endif
     let g = wid.x + wid.y * nwg.x;
+    // Uniform across the workgroup, so the barriers below stay uniform.
     if (g >= p.groups) {
         return;
     }
     let t = lid.x;
     let lane = t % LANES;
-    let j0 = g * COLS + (t / LANES) * CPT;
-    // One vec4 over the rows per column.
-    var a0 = vec4<f32>(0.0);
-    var a1 = vec4<f32>(0.0);
-    var a2 = vec4<f32>(0.0);
-    var a3 = vec4<f32>(0.0);
-#if W_F32
-    let per = 1u;
-#else
-    let per = 2u;
-#endif
-    for (var i = lane; i < p.row_vecs; i += LANES) {
-        let v = i * per;
-        let x0 = xv(0u, v);
-        var x1 = vec4<f32>(0.0);
-        var x2 = vec4<f32>(0.0);
-        var x3 = vec4<f32>(0.0);
-        if (R > 1u) { x1 = xv(1u, v); }
-        if (R > 2u) { x2 = xv(2u, v); }
-        if (R > 3u) { x3 = xv(3u, v); }
-        var y0 = vec4<f32>(0.0);
-        var y1 = vec4<f32>(0.0);
-        var y2 = vec4<f32>(0.0);
-        var y3 = vec4<f32>(0.0);
-#if W_F32
-#else
-        y0 = xv(0u, v + 1u);
-        if (R > 1u) { y1 = xv(1u, v + 1u); }
-        if (R > 2u) { y2 = xv(2u, v + 1u); }
-        if (R > 3u) { y3 = xv(3u, v + 1u); }
-#endif
-        a0 += col(j0, i, x0, x1, x2, x3, y0, y1, y2, y3);
-        a1 += col(j0 + 1u, i, x0, x1, x2, x3, y0, y1, y2, y3);
-        a2 += col(j0 + 2u, i, x0, x1, x2, x3, y0, y1, y2, y3);
-        a3 += col(j0 + 3u, i, x0, x1, x2, x3, y0, y1, y2, y3);
+    let j = g * WARPS + t / LANES;
+#if GATED
+    // Each (row, group)'s factor from its partial sums of squares (all 1 without a norm).
+    for (var q = 0u; q < p.rows * p.ng; q++) {
+        var s = 0.0;
+        for (var i = t; i < p.parts; i += WG) {
+            s += part[q * p.parts + i];
+        }
+        let total = lane_sum(vec4<f32>(s, 0.0, 0.0, 0.0), t, width).x;
+        if (lane == 0u) {
+            red[t].x = total;
+        }
+        workgroupBarrier();
+        if (t == 0u) {
+            var all = 0.0;
+            for (var u = 0u; u < WARPS; u++) {
+                all += red[u * LANES].x;
+            }
+            scale[q] = 1.0;
+            if (p.parts > 0u) {
+                scale[q] = inverseSqrt(all / f32(p.gs) + p.eps);
+            }
+        }
+        workgroupBarrier();
     }
-    let accs = array<vec4<f32>, 4>(a0, a1, a2, a3);
-    for (var c = 0u; c < CPT; c++) {
-        red[t] = accs[c];
-        workgroupBarrier();
-        for (var off = LANES / 2u; off > 0u; off /= 2u) {
-            if (lane < off) {
-                red[t] += red[t + off];
-            }
-            workgroupBarrier();
-        }
-        let j = j0 + c;
-        if (lane == 0u && j < p.n) {
-            var b = 0.0;
-            if (p.has_bias != 0u) {
-                b = bias[j];
-            }
-            let sum = red[t];
-            for (var r = 0u; r < p.rows; r++) {
-                out[r * p.n + j] = sum[r] + b;
+    // Weight vectors per group: the group of each span is uniform.
+    let gv = p.row_vecs / p.ng;
+    var acc = vec4<f32>(0.0);
+    for (var grp = 0u; grp < p.ng; grp++) {
+        var f = vec4<f32>(0.0);
+        for (var r = 0u; r < R; r++) {
+            if (r < p.rows) {
+                f[r] = scale[r * p.ng + grp];
             }
         }
-        workgroupBarrier();
+        acc = fma(stream(grp * gv, (grp + 1u) * gv, lane, j), f, acc);
+    }
+#else
+    let acc = stream(0u, p.row_vecs, lane, j);
+#endif
+    let sum = lane_sum(acc, t, width);
+    if (lane != 0u || j >= p.n) {
+        return;
+    }
+#if CONV
+    if (j >= p.off && j < p.off + p.cd) {
+        conv_channel(j, sum);
+        return;
+    }
+    let b = 0.0;
+#else
+    var b = 0.0;
+    if (p.has_bias != 0u) {
+        b = bias[j];
+    }
+#endif
+    for (var r = 0u; r < p.rows; r++) {
+        out[r * p.n + j] = sum[r] + b;
     }
 }

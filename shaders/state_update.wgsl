@@ -2,6 +2,12 @@
 // (request, head, 8 rows p of the state); 32 lanes per row, each holding columns lane + 32 i
 // (d_state <= 256) in two vec4 registers. With record[i] >= 0 the state after each token goes to
 // the intermediates and the slot is kept.
+//
+// FUSED (the decode pass of matvec.wgsl's CONV and GATED variants): x, B and C come from the conv
+// output left in place in zxbcdt, and instead of y the kernel stores the gated, weighted u that
+// out_proj reads, with each workgroup's sum of squares for the group RMSNorm in `part`:
+// norm_before_gate = 0: v = y * silu(z), u = v * w;  1: v = y, u = v * w * silu(z); sums of v^2.
+// Without the norm, u = y * silu(z).
 
 struct Params {
     nh: u32,
@@ -19,12 +25,23 @@ struct Params {
     dt_lo: f32,
     dt_hi: f32,
     groups: u32,
+    // Where x, B and C of a row start: row * xs + xo of `xbc` (FUSED: of zxbcdt).
+    xs: u32,
+    xo: u32,
+    before: u32,
+    has_norm: u32,
     _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> zxbcdt: array<f32>;
+#if FUSED
+@group(0) @binding(4) var<storage, read> norm_w: array<f32>;
+// (rows, nh, blocks of 8 state rows)
+@group(0) @binding(5) var<storage, read_write> part: array<f32>;
+#else
 @group(0) @binding(2) var<storage, read> xbc: array<f32>;
+#endif
 // dt_bias (nh) | A_log (nh) | D (nh, or nh * hd with d_hdim)
 @group(0) @binding(3) var<storage, read> heads: array<f32>;
 // cu (reqs + 1) | slots (reqs) | record (reqs)
@@ -39,6 +56,17 @@ const LANES: u32 = 32u;
 const ROWS: u32 = 8u;
 
 var<workgroup> partial: array<f32, WG>;
+#if FUSED
+var<workgroup> squares: array<f32, ROWS>;
+#endif
+
+fn xin(i: u32) -> f32 {
+#if FUSED
+    return zxbcdt[i];
+#else
+    return xbc[i];
+#endif
+}
 
 // Columns lane, lane + 32, lane + 64, lane + 96 (plus `first`) of a row at `base` of xbc or of a
 // state buffer, zero past d_state.
@@ -48,7 +76,7 @@ fn load4(buf: u32, base: u32, lane: u32, first: u32) -> vec4<f32> {
         let s = first + lane + i * LANES;
         if (s < p.ds) {
             if (buf == 0u) {
-                v[i] = xbc[base + s];
+                v[i] = xin(base + s);
             } else {
                 v[i] = pool[base + s];
             }
@@ -142,18 +170,19 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
     let r0 = u32(info[i]);
     let r1 = u32(info[i + 1u]);
-    let boff = p.nh * p.hd + g * p.ds;
-    let coff = p.nh * p.hd + (p.ng + g) * p.ds;
+    let boff = p.xo + p.nh * p.hd + g * p.ds;
+    let coff = p.xo + p.nh * p.hd + (p.ng + g) * p.ds;
     for (var r = r0; r < r1; r++) {
         let d = dt_of(zxbcdt[r * p.dip + p.dt_col + h], h);
         let decay = vec4<f32>(exp(d * a));
-        let x = xbc[r * p.cd + h * p.hd + pr];
+        let x = xin(r * p.xs + p.xo + h * p.hd + pr);
         let dx = vec4<f32>(d * x);
-        lo = fma(decay, lo, dx * load4(0u, r * p.cd + boff, lane, 0u));
-        var acc = dot(lo, load4(0u, r * p.cd + coff, lane, 0u));
+        let xr = r * p.xs;
+        lo = fma(decay, lo, dx * load4(0u, xr + boff, lane, 0u));
+        var acc = dot(lo, load4(0u, xr + coff, lane, 0u));
         if (wide) {
-            hi = fma(decay, hi, dx * load4(0u, r * p.cd + boff, lane, 4u * LANES));
-            acc += dot(hi, load4(0u, r * p.cd + coff, lane, 4u * LANES));
+            hi = fma(decay, hi, dx * load4(0u, xr + boff, lane, 4u * LANES));
+            acc += dot(hi, load4(0u, xr + coff, lane, 4u * LANES));
         }
         if (rec >= 0 && live) {
             let at = (u32(rec) * p.stride + (r - r0)) * p.nh * sl + base;
@@ -163,9 +192,43 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             }
         }
         let total = lane_sum(acc, t, lane, width);
+#if FUSED
+        let yv = fma(dv, x, total);
+        let zv = zxbcdt[r * p.dip + h * p.hd + pr];
+        let gate = zv / (1.0 + exp(-zv));
+        var u = yv * gate;
+        var sq = 0.0;
+        if (p.has_norm != 0u) {
+            var v = yv;
+            if (p.before == 0u) {
+                v = u;
+            }
+            u = v * norm_w[h * p.hd + pr];
+            if (p.before != 0u) {
+                u *= gate;
+            }
+            sq = v * v;
+        }
+        if (lane == 0u) {
+            squares[t / LANES] = select(0.0, sq, live);
+            if (live) {
+                y[r * p.nh * p.hd + h * p.hd + pr] = u;
+            }
+        }
+        workgroupBarrier();
+        if (t == 0u) {
+            var s = 0.0;
+            for (var k = 0u; k < ROWS; k++) {
+                s += squares[k];
+            }
+            part[(r * p.nh + h) * blocks + pi / ROWS] = s;
+        }
+        workgroupBarrier();
+#else
         if (lane == 0u && live) {
             y[r * p.nh * p.hd + h * p.hd + pr] = fma(dv, x, total);
         }
+#endif
     }
     if (rec < 0 && slot >= 0 && live) {
         store4(true, row, lane, 0u, lo);

@@ -69,8 +69,9 @@ impl std::fmt::Display for Case {
     }
 }
 
-/// Per step: wall-clock microseconds (upload, kernels, readback), device microseconds (the sum of
-/// the kernels' own times) and the kernels by total time.
+/// Per step: wall-clock microseconds (upload, kernels, readback), device microseconds (from the
+/// step's first kernel to its last, barriers included) and the kernels by total time, each timed
+/// on its own in a second run.
 #[derive(Debug, Clone)]
 pub struct Measured {
     pub case: Case,
@@ -117,41 +118,58 @@ pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Resu
         })
         .collect();
     let warmup = 3;
-    let mut wall = 0.0;
-    let mut profiling = false;
-    for i in 0..warmup + iters {
-        if i == warmup {
-            profiling = m.backend.profile_start()?;
-        }
-        if matches!(case, Case::Prefill(_)) {
-            for &s in &slots {
-                engine.reset(s)?;
-            }
-        }
-        let t = Instant::now();
-        engine.step(&requests).await?;
-        if spec > 0 {
-            for &s in &slots {
-                engine.accept(s, 1 + spec)?;
-            }
-        }
-        if i >= warmup {
-            wall += t.elapsed().as_secs_f64();
-        }
-    }
+    run(&mut engine, &requests, case, warmup).await?;
+    // Whole steps first (the honest device time: barriers and gaps between kernels included),
+    // then every kernel on its own for the breakdown.
+    let timed = m.backend.profile_start(false)?;
+    let wall_us = run(&mut engine, &requests, case, iters).await?;
+    let steps: Vec<f64> = m.backend.profile_take().iter().map(|e| e.1).collect();
+    let device_us =
+        (timed && !steps.is_empty()).then(|| steps.iter().sum::<f64>() / 1e3 / steps.len() as f64);
     let mut kernels: Vec<(&'static str, f64)> = vec![];
-    for (name, ns) in m.backend.profile_take() {
-        match kernels.iter_mut().find(|(n, _)| *n == name) {
-            Some(k) => k.1 += ns,
-            None => kernels.push((name, ns)),
+    if m.backend.profile_start(true)? {
+        run(&mut engine, &requests, case, iters).await?;
+        for (name, ns) in m.backend.profile_take() {
+            match kernels.iter_mut().find(|(n, _)| *n == name) {
+                Some(k) => k.1 += ns,
+                None => kernels.push((name, ns)),
+            }
         }
     }
     kernels.iter_mut().for_each(|k| k.1 /= 1e3 * iters as f64);
     kernels.sort_by(|a, b| b.1.total_cmp(&a.1));
     Ok(Measured {
         case,
-        wall_us: wall * 1e6 / iters as f64,
-        device_us: profiling.then(|| kernels.iter().map(|k| k.1).sum()),
+        wall_us,
+        device_us,
         kernels,
     })
+}
+
+/// Runs `n` steps of `requests` (accepting every speculative token); wall-clock us per step.
+async fn run<B: Backend>(
+    engine: &mut Engine<'_, B>,
+    requests: &[Request<'_>],
+    case: Case,
+    n: usize,
+) -> Result<f64> {
+    let mut wall = 0.0;
+    for _ in 0..n {
+        if matches!(case, Case::Prefill(_)) {
+            for r in requests {
+                engine.reset(r.slot)?;
+            }
+        }
+        let t = Instant::now();
+        engine.step(requests).await?;
+        wall += t.elapsed().as_secs_f64();
+        if let Case::Decode { spec, .. } = case {
+            if spec > 0 {
+                for r in requests {
+                    engine.accept(r.slot, 1 + spec)?;
+                }
+            }
+        }
+    }
+    Ok(wall * 1e6 / n.max(1) as f64)
 }

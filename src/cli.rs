@@ -179,7 +179,7 @@ fn bench(a: &BenchArgs) -> Result<String> {
     };
     let mut out = format!(
         "layer {name}, {:?} weights, backend {device}, {} timed steps per case\n\n\
-         | case | device us (sum of kernels) | wall us | kernels (device us) |\n|---|---|---|---|\n",
+         | case | device us per step | wall us | kernels, each timed alone (device us) |\n|---|---|---|---|\n",
         a.dtype, a.iters
     );
     for m in rows {

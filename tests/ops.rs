@@ -309,6 +309,134 @@ fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
     }
 }
 
+/// The whole decode pass (`Backend::decode`, which a backend may fuse) against the CPU's: total
+/// rows 1..=6 (the fused kernels take up to 4), requests of 1..=3 tokens from random or zero
+/// states, some recording intermediates; outputs, pools and intermediates compared.
+fn decode_pass_matches_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
+    for trial in 0..trials {
+        let mut r = rng(700 + trial);
+        let mut cfg = random_config(&mut r);
+        // Mostly shapes the fused kernels take: head sizes a multiple of 8, no in_proj bias.
+        if r.random_bool(0.8) {
+            let headdim = *[8usize, 16, 64].choose(&mut r).unwrap();
+            let ngroups = *[1usize, 2].choose(&mut r).unwrap();
+            cfg = MixerConfig::from_json(&format!(
+                r#"{{"d_model": {}, "expand": 1, "headdim": {headdim}, "ngroups": {ngroups},
+                    "d_state": {}, "d_conv": {}, "rmsnorm": {}, "norm_before_gate": {},
+                    "D_has_hdim": {}, "conv_bias": {}}}"#,
+                headdim * ngroups * r.random_range(1..=3),
+                [16usize, 33, 128].choose(&mut r).unwrap(),
+                r.random_range(1..=4),
+                r.random_bool(0.8),
+                r.random_bool(0.5),
+                r.random_bool(0.5),
+                r.random_bool(0.5),
+            ))
+            .unwrap();
+        }
+        let label = format!("trial {trial} ({})", serde_json::to_string(&cfg).unwrap());
+        let ty = *[FloatType::F32, FloatType::F16, FloatType::Bf16]
+            .choose(&mut r)
+            .unwrap();
+        let w = random_weights(&cfg, 70 + trial, ty);
+        let cpu = Mixer::new(Cpu, &cfg, &w).unwrap();
+        let gpu = Mixer::new(dev.clone(), &cfg, &w).unwrap();
+        let (cl, sl) = (cfg.conv_state_len(), cfg.ssm_state_len());
+        let (slots, stride) = (4, 3);
+        let mut cu = vec![0i32];
+        let (mut dslots, mut record) = (vec![], vec![]);
+        let mut free: Vec<i32> = (0..slots as i32).collect();
+        for i in 0..r.random_range(1..=3) {
+            cu.push(cu[i] + r.random_range(1..=stride as i32));
+            let slot = if r.random_bool(0.15) {
+                -1
+            } else {
+                free.remove(r.random_range(0..free.len()))
+            };
+            dslots.push(slot);
+            record.push(if slot >= 0 && r.random_bool(0.4) {
+                slot
+            } else {
+                -1
+            });
+        }
+        let rows = *cu.last().unwrap() as usize;
+        let hidden = randn(&mut r, rows * cfg.d_model, 1.0);
+        let pools = (
+            randn(&mut r, slots * cl, 1.0),
+            randn(&mut r, slots * sl, 0.5),
+        );
+        let run = |m: &Mixer<B>| -> [Vec<f32>; 5] {
+            let b = &m.backend;
+            let dec = decode_batch(b, cu.clone(), dslots.clone(), record.clone(), stride).unwrap();
+            let mut pool: States<B> = States {
+                conv: b.upload(&pools.0).unwrap(),
+                ssm: b.upload(&pools.1).unwrap(),
+            };
+            let entries = slots * stride;
+            let mut inter: States<B> = States {
+                conv: b.zeros(entries * cl).unwrap(),
+                ssm: b.zeros(entries * sl).unwrap(),
+            };
+            let x = b.upload(&hidden).unwrap();
+            let out = b
+                .decode(&m.params, &x, &dec, &mut pool, Some(&mut inter))
+                .unwrap();
+            [
+                read(b, &out, rows * cfg.d_model),
+                read(b, &pool.conv, slots * cl),
+                read(b, &pool.ssm, slots * sl),
+                read(b, &inter.conv, entries * cl),
+                read(b, &inter.ssm, entries * sl),
+            ]
+        };
+        let cpu_run = |m: &Mixer<Cpu>| -> [Vec<f32>; 5] {
+            let b = &m.backend;
+            let dec = decode_batch(b, cu.clone(), dslots.clone(), record.clone(), stride).unwrap();
+            let mut pool: States<Cpu> = States {
+                conv: b.upload(&pools.0).unwrap(),
+                ssm: b.upload(&pools.1).unwrap(),
+            };
+            let entries = slots * stride;
+            let mut inter: States<Cpu> = States {
+                conv: b.zeros(entries * cl).unwrap(),
+                ssm: b.zeros(entries * sl).unwrap(),
+            };
+            let x = b.upload(&hidden).unwrap();
+            let out = b
+                .decode(&m.params, &x, &dec, &mut pool, Some(&mut inter))
+                .unwrap();
+            [
+                read(b, &out, rows * cfg.d_model),
+                read(b, &pool.conv, slots * cl),
+                read(b, &pool.ssm, slots * sl),
+                read(b, &inter.conv, entries * cl),
+                read(b, &inter.ssm, entries * sl),
+            ]
+        };
+        let (got, want) = (run(&gpu), cpu_run(&cpu));
+        let l = format!("{label} {ty:?} decode pass cu {cu:?} slots {dslots:?} record {record:?}");
+        for (i, what) in ["out", "conv pool", "ssm pool", "conv inter", "ssm inter"]
+            .iter()
+            .enumerate()
+        {
+            same(&format!("{l}: {what}"), &got[i], &want[i]);
+        }
+    }
+}
+
+#[test]
+fn the_decode_pass_of_every_device_backend_matches_the_cpu() {
+    for backend in common::BACKENDS {
+        match backend {
+            "cpu" => {}
+            "wgpu" => decode_pass_matches_the_cpu(common::wgpu(), 24),
+            "wgpu-basic" => decode_pass_matches_the_cpu(common::wgpu_basic(), 24),
+            other => panic!("unknown backend {other}"),
+        }
+    }
+}
+
 #[test]
 fn every_op_of_every_device_backend_matches_the_cpu() {
     for backend in common::BACKENDS {

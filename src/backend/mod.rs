@@ -202,8 +202,23 @@ pub trait Backend: Sized {
         y: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// Starts timing every kernel on the device; false when the backend cannot.
-    fn profile_start(&self) -> Result<bool> {
+    /// A whole decode pass, `(rows, d_model)` from `hidden (rows, d_model)`: in_proj, conv update,
+    /// state update, gate and norm, out_proj. The default runs the ops one by one; a backend may
+    /// fuse them.
+    fn decode(
+        &self,
+        p: &Params<Self>,
+        hidden: &Self::Buf,
+        dec: &Decode<Self>,
+        pool: &mut States<Self>,
+        inter: Option<&mut States<Self>>,
+    ) -> Result<Self::Buf> {
+        decode_ops(self, p, hidden, dec, pool, inter)
+    }
+
+    /// Starts timing on the device, every kernel (`per_kernel`) or every step (all that is recorded
+    /// between two readbacks, as one entry "step"); false when the backend cannot.
+    fn profile_start(&self, _per_kernel: bool) -> Result<bool> {
         Ok(false)
     }
 
@@ -222,6 +237,58 @@ pub trait Backend: Sized {
         rows: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
+}
+
+/// The decode pass op by op (`Backend::decode`'s default).
+pub fn decode_ops<B: Backend>(
+    b: &B,
+    p: &Params<B>,
+    hidden: &B::Buf,
+    dec: &Decode<B>,
+    pool: &mut States<B>,
+    inter: Option<&mut States<B>>,
+) -> Result<B::Buf> {
+    let cfg = &p.cfg;
+    let rows = dec.rows();
+    let (inter_conv, inter_ssm) = match inter {
+        Some(s) => (Some(&mut s.conv), Some(&mut s.ssm)),
+        None => (None, None),
+    };
+    let mut zxbcdt = b.alloc(rows * cfg.d_in_proj())?;
+    b.matmul(
+        hidden,
+        &p.in_proj,
+        p.in_proj_bias.as_ref(),
+        rows,
+        &mut zxbcdt,
+    )?;
+    let mut xbc = b.alloc(rows * cfg.conv_dim())?;
+    b.conv_update(p, &zxbcdt, dec, &mut pool.conv, inter_conv, &mut xbc)?;
+    let mut y = b.alloc(rows * cfg.d_inner())?;
+    b.state_update(p, &zxbcdt, &xbc, dec, &mut pool.ssm, inter_ssm, &mut y)?;
+    gate_out(b, p, &zxbcdt, &y, rows)
+}
+
+/// Gate, norm and out_proj: the tail of both passes, `(rows, d_model)`.
+pub fn gate_out<B: Backend>(
+    b: &B,
+    p: &Params<B>,
+    zxbcdt: &B::Buf,
+    y: &B::Buf,
+    rows: usize,
+) -> Result<B::Buf> {
+    let cfg = &p.cfg;
+    let mut gated = b.alloc(rows * cfg.d_inner())?;
+    b.gated_norm(p, zxbcdt, y, rows, &mut gated)?;
+    let mut out = b.alloc(rows * cfg.d_model)?;
+    b.matmul(
+        &gated,
+        &p.out_proj,
+        p.out_proj_bias.as_ref(),
+        rows,
+        &mut out,
+    )?;
+    Ok(out)
 }
 
 /// Which backend to run on.

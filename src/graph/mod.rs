@@ -9,7 +9,7 @@ mod paths;
 pub use engine::{Engine, EngineConfig, Request, RequestOutput, SnapshotId, Work};
 pub use paths::{check_cu_seqlens, forward, Input, InputFile, Output, Path};
 
-use crate::backend::{Backend, Decode, Pack, Snap, States};
+use crate::backend::{gate_out, Backend, Decode, Pack, Snap, States};
 use crate::error::Result;
 use crate::model::Mixer;
 
@@ -116,7 +116,7 @@ pub fn prefill<B: Backend>(
     b.conv(p, &zxbcdt, pack, &mut pool.conv, snap_conv, &mut xbc)?;
     let mut y = b.alloc(rows * cfg.d_inner())?;
     b.ssd_scan(p, &zxbcdt, &xbc, pack, &mut pool.ssm, snap_ssm, &mut y)?;
-    finish(m, &zxbcdt, &y, rows)
+    gate_out(b, p, &zxbcdt, &y, rows)
 }
 
 /// One decode pass: each request's tokens through the recurrence; returns `(rows, d_model)`.
@@ -127,38 +127,5 @@ pub fn decode<B: Backend>(
     pool: &mut States<B>,
     inter: Option<&mut States<B>>,
 ) -> Result<B::Buf> {
-    let (b, p) = (&m.backend, &m.params);
-    let cfg = &p.cfg;
-    let rows = dec.rows();
-    let (inter_conv, inter_ssm) = split(inter);
-    let mut zxbcdt = b.alloc(rows * cfg.d_in_proj())?;
-    b.matmul(
-        hidden,
-        &p.in_proj,
-        p.in_proj_bias.as_ref(),
-        rows,
-        &mut zxbcdt,
-    )?;
-    let mut xbc = b.alloc(rows * cfg.conv_dim())?;
-    b.conv_update(p, &zxbcdt, dec, &mut pool.conv, inter_conv, &mut xbc)?;
-    let mut y = b.alloc(rows * cfg.d_inner())?;
-    b.state_update(p, &zxbcdt, &xbc, dec, &mut pool.ssm, inter_ssm, &mut y)?;
-    finish(m, &zxbcdt, &y, rows)
-}
-
-/// Gate, norm and out_proj: the tail shared by both passes.
-fn finish<B: Backend>(m: &Mixer<B>, zxbcdt: &B::Buf, y: &B::Buf, rows: usize) -> Result<B::Buf> {
-    let (b, p) = (&m.backend, &m.params);
-    let cfg = &p.cfg;
-    let mut gated = b.alloc(rows * cfg.d_inner())?;
-    b.gated_norm(p, zxbcdt, y, rows, &mut gated)?;
-    let mut out = b.alloc(rows * cfg.d_model)?;
-    b.matmul(
-        &gated,
-        &p.out_proj,
-        p.out_proj_bias.as_ref(),
-        rows,
-        &mut out,
-    )?;
-    Ok(out)
+    m.backend.decode(&m.params, hidden, dec, pool, inter)
 }

@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use wgpu::util::DeviceExt;
 
-use super::{Backend, Decode, Pack, Params};
+use super::{decode_ops, Backend, Decode, Pack, Params, States};
 use crate::config::MAX_D_CONV;
 use crate::error::{Error, Result};
 use crate::tensors::{Data, HostTensor};
@@ -21,6 +21,8 @@ const WG: u32 = 64;
 const MAX_D_STATE: usize = 256;
 /// Up to this many rows (and k a multiple of 4), a matmul is a matrix-vector product (decode).
 const MATVEC_ROWS: usize = 4;
+/// Most (row, group) pairs of the fused decode pass (the out_proj kernel's factors).
+const MAX_NORM_FACTORS: usize = 64;
 /// Most workgroups along one dispatch dimension.
 const MAX_GROUPS: u32 = 65535;
 
@@ -138,11 +140,15 @@ pub struct Inner {
     profile: Rc<RefCell<Vec<(&'static str, f64)>>>,
 }
 
-/// Timestamp queries of the dispatches recorded since the last readback.
+/// Timestamp queries recorded since the last readback: a pair around every dispatch, or (per
+/// step) one pair around everything recorded between two readbacks.
 struct Profiler {
     set: wgpu::QuerySet,
     capacity: u32,
     entries: Vec<&'static str>,
+    per_kernel: bool,
+    /// Per step: the step's first timestamp is written, its last is not yet.
+    open: bool,
 }
 
 impl Wgpu {
@@ -242,15 +248,19 @@ impl Inner {
         self.software
     }
 
-    /// Starts timing every dispatch on the GPU (an error if the adapter has no timestamps).
-    pub fn start_profile(&self) -> Result<()> {
-        if !self
-            .device
-            .features()
-            .contains(wgpu::Features::TIMESTAMP_QUERY)
-        {
+    /// Starts timing on the GPU: every dispatch (`per_kernel`), or every step as a whole, from
+    /// its first dispatch to the readback that ends it, barriers and gaps included (entries named
+    /// "step"). An error if the adapter has no timestamps (per step: none inside passes).
+    pub fn start_profile(&self, per_kernel: bool) -> Result<()> {
+        let features = self.device.features();
+        if !features.contains(wgpu::Features::TIMESTAMP_QUERY) {
             return Err(err(
                 "the adapter has no TIMESTAMP_QUERY: GPU times are not available",
+            ));
+        }
+        if !per_kernel && !features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
+            return Err(err(
+                "the adapter has no TIMESTAMP_QUERY_INSIDE_PASSES: GPU times per step are not available",
             ));
         }
         let capacity = 4096;
@@ -263,6 +273,8 @@ impl Inner {
             set,
             capacity,
             entries: vec![],
+            per_kernel,
+            open: false,
         });
         self.profile.borrow_mut().clear();
         Ok(())
@@ -414,6 +426,9 @@ impl Inner {
         }
         let timing = self.profiler.borrow_mut().as_mut().and_then(|p| {
             let at = 2 * p.entries.len() as u32;
+            if !p.per_kernel {
+                return None;
+            }
             (at + 2 <= p.capacity).then(|| {
                 p.entries.push(entry);
                 (p.set.clone(), at)
@@ -450,6 +465,14 @@ impl Inner {
         if let (Some((set, at)), true) = (&timing, inside) {
             pass.write_timestamp(set, *at);
         }
+        if let Some(p) = self.profiler.borrow_mut().as_mut() {
+            let at = 2 * p.entries.len() as u32;
+            if !p.per_kernel && !p.open && at + 2 <= p.capacity {
+                pass.write_timestamp(&p.set, at);
+                p.entries.push("step");
+                p.open = true;
+            }
+        }
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind, &[]);
         pass.dispatch_workgroups(x, y, 1);
@@ -460,6 +483,26 @@ impl Inner {
             slot.take();
         }
         Ok(())
+    }
+
+    /// Per step: the step's last timestamp, after everything recorded so far.
+    fn end_step_timing(&self) {
+        let mut guard = self.profiler.borrow_mut();
+        let Some(p) = guard.as_mut().filter(|p| p.open) else {
+            return;
+        };
+        p.open = false;
+        let at = 2 * p.entries.len() as u32 - 1;
+        if self.pass.borrow().is_none() {
+            let pass = self.with_encoder(|enc| {
+                enc.begin_compute_pass(&Default::default())
+                    .forget_lifetime()
+            });
+            *self.pass.borrow_mut() = Some(pass);
+        }
+        if let Some(pass) = self.pass.borrow_mut().as_mut() {
+            pass.write_timestamp(&p.set, at);
+        }
     }
 
     /// Records the resolve of this submission's timestamps into a buffer to map, if profiling.
@@ -492,9 +535,204 @@ impl Inner {
         Some((stage, entries))
     }
 
+    /// A matrix-vector product of few rows (`rows <= MATVEC_ROWS`, `k` a multiple of 4), plain or
+    /// as a part of the fused decode pass.
+    fn matvec(
+        &self,
+        x: &GpuBuf,
+        w: &GpuWeight,
+        bias: Option<&GpuBuf>,
+        rows: usize,
+        out: &mut GpuBuf,
+        fuse: Fuse,
+    ) -> Result<()> {
+        let define = match w.kind {
+            WeightKind::F32 => "W_F32",
+            WeightKind::F16 => "W_F16",
+            WeightKind::Bf16 => "W_BF16",
+        };
+        // One column per warp, eight warps per workgroup.
+        let groups = w.n.div_ceil(8);
+        let mut params = [
+            u(rows)?,
+            u(w.n)?,
+            u(w.k)?,
+            // Four words to a 16-byte vector.
+            u(w.row_words / 4)?,
+            bias.is_some() as u32,
+            u(groups)?,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        let mut binds = vec![(1, x.raw()), (2, w.buf.raw()), (4, out.raw())];
+        let (mut conv, mut gated) = (0, 0);
+        match fuse {
+            Fuse::None => binds.push((3, self.opt(bias))),
+            Fuse::Conv {
+                p,
+                dec,
+                pool,
+                inter,
+            } => {
+                conv = 1;
+                let cfg = &p.cfg;
+                params[6..12].copy_from_slice(&[
+                    u(cfg.d_inner())?,
+                    u(cfg.conv_dim())?,
+                    u(cfg.d_conv)?,
+                    u(dec.requests())?,
+                    u(dec.stride)?,
+                    p.conv_bias.is_some() as u32,
+                ]);
+                binds.extend([
+                    (3, p.conv_weight.raw()),
+                    (5, self.opt(p.conv_bias.as_ref())),
+                    (6, dec.dev.raw()),
+                    (7, pool.raw()),
+                    (8, inter.map_or(self.dummy_rw.raw(), |b| b.raw())),
+                ]);
+            }
+            Fuse::Gated {
+                part,
+                ng,
+                parts,
+                gs,
+                eps,
+            } => {
+                gated = 1;
+                params[12..16].copy_from_slice(&[u(ng)?, u(parts)?, u(gs)?, eps.to_bits()]);
+                binds.extend([(3, self.opt(bias)), (5, part.raw())]);
+            }
+        }
+        self.dispatch(
+            shader::MATVEC,
+            "matvec",
+            &[
+                (define, 1),
+                ("R", u(rows.max(1))?),
+                ("SUBGROUPS", self.subgroups as u32),
+                ("CONV", conv),
+                ("GATED", gated),
+            ],
+            &params,
+            &binds,
+            u(groups)?,
+        )
+    }
+
+    /// The decode recurrence; `fused`: x, B and C come from zxbcdt (in place after the conv of
+    /// `matvec`'s CONV variant) and `y` receives the gated values, with the norm's partial sums
+    /// of squares in the given buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn update(
+        &self,
+        p: &Params<Wgpu>,
+        zxbcdt: &GpuBuf,
+        xbc: Option<&GpuBuf>,
+        dec: &Decode<Wgpu>,
+        pool: &mut GpuBuf,
+        inter: Option<&mut GpuBuf>,
+        y: &mut GpuBuf,
+        part: Option<&mut GpuBuf>,
+    ) -> Result<()> {
+        let cfg = &p.cfg;
+        let (nh, hd, ds) = (cfg.nheads(), cfg.headdim, cfg.d_state);
+        if ds > MAX_D_STATE {
+            return Err(err(format!(
+                "d_state {ds} is larger than the decode kernel's {MAX_D_STATE}"
+            )));
+        }
+        // Eight state rows per workgroup.
+        let groups = dec.requests() * nh * hd.div_ceil(8);
+        let lim = dt_limits(cfg);
+        let (xs, xo) = match xbc {
+            Some(_) => (cfg.conv_dim(), 0),
+            None => (cfg.d_in_proj(), cfg.d_inner()),
+        };
+        let params = [
+            u(nh)?,
+            u(hd)?,
+            u(ds)?,
+            u(cfg.ngroups)?,
+            u(cfg.conv_dim())?,
+            u(cfg.d_in_proj())?,
+            u(cfg.d_inner() + cfg.conv_dim())?,
+            u(dec.requests())?,
+            u(dec.stride)?,
+            cfg.d_has_hdim as u32,
+            lim[0],
+            lim[1],
+            lim[2],
+            lim[3],
+            u(groups)?,
+            u(xs)?,
+            u(xo)?,
+            cfg.norm_before_gate as u32,
+            p.norm_weight.is_some() as u32,
+            0,
+        ];
+        let saved = inter.map_or(self.dummy_rw.raw(), |b| b.raw());
+        let mut binds = vec![
+            (1, zxbcdt.raw()),
+            (3, p.heads.raw()),
+            (6, dec.dev.raw()),
+            (9, pool.raw()),
+            (10, saved),
+            (11, y.raw()),
+        ];
+        let fused = part.is_some();
+        match (xbc, part) {
+            (Some(xbc), None) => binds.push((2, xbc.raw())),
+            (None, Some(part)) => {
+                binds.extend([(4, self.opt(p.norm_weight.as_ref())), (5, part.raw())])
+            }
+            _ => return Err(err("update: either xbc or the fused outputs")),
+        }
+        self.dispatch(
+            shader::STATE_UPDATE,
+            "state_update",
+            &[
+                ("SUBGROUPS", self.subgroups as u32),
+                ("FUSED", fused as u32),
+            ],
+            &params,
+            &binds,
+            u(groups)?,
+        )
+    }
+
     fn opt<'a>(&'a self, b: Option<&'a GpuBuf>) -> &'a wgpu::Buffer {
         b.map_or(self.dummy.raw(), GpuBuf::raw)
     }
+}
+
+/// What a matrix-vector product fuses (see shaders/matvec.wgsl).
+enum Fuse<'a> {
+    None,
+    /// in_proj of a decode pass: the conv update of the xBC columns.
+    Conv {
+        p: &'a Params<Wgpu>,
+        dec: &'a Decode<Wgpu>,
+        pool: &'a GpuBuf,
+        inter: Option<&'a GpuBuf>,
+    },
+    /// out_proj of a decode pass: the group RMSNorm factors from partial sums of squares (`parts`
+    /// per (row, group); 0 without the norm).
+    Gated {
+        part: &'a GpuBuf,
+        ng: usize,
+        parts: usize,
+        gs: usize,
+        eps: f32,
+    },
 }
 
 fn u(v: usize) -> Result<u32> {
@@ -586,8 +824,8 @@ impl Backend for Wgpu {
         })
     }
 
-    fn profile_start(&self) -> Result<bool> {
-        self.start_profile().map(|()| true)
+    fn profile_start(&self, per_kernel: bool) -> Result<bool> {
+        self.start_profile(per_kernel).map(|()| true)
     }
 
     fn profile_take(&self) -> Vec<(&'static str, f64)> {
@@ -608,6 +846,7 @@ impl Backend for Wgpu {
         &self,
         ranges: &[(&GpuBuf, usize, usize)],
     ) -> impl std::future::Future<Output = Result<Vec<Vec<f32>>>> {
+        self.end_step_timing();
         let mut staged = vec![];
         for &(src, off, len) in ranges {
             if off + len > src.len {
@@ -727,12 +966,14 @@ impl Backend for Wgpu {
         };
         // Few rows read the weight once with a reduction per column; more rows share tiles.
         let few = rows <= MATVEC_ROWS && w.k.is_multiple_of(4);
-        let tiles_n = w.n.div_ceil(64);
-        let groups = if few {
-            w.n.div_ceil(32)
+        // 128x128 tiles where there are rows enough to fill them; 64x64 below (decode batches).
+        let (entry, tile) = if rows > 64 {
+            ("matmul_wide", 128)
         } else {
-            rows.div_ceil(64) * tiles_n
+            ("matmul", 64)
         };
+        let tiles_n = w.n.div_ceil(tile);
+        let groups = rows.div_ceil(tile) * tiles_n;
         let params = [
             u(rows)?,
             u(w.n)?,
@@ -750,31 +991,12 @@ impl Backend for Wgpu {
             (4, out.raw()),
         ];
         if few {
-            // Four words to a 16-byte vector.
-            let vecs = w.row_words / 4;
-            let params = [
-                u(rows)?,
-                u(w.n)?,
-                u(w.k)?,
-                u(vecs)?,
-                bias.is_some() as u32,
-                u(groups)?,
-                0,
-                0,
-            ];
-            return self.dispatch(
-                shader::MATVEC,
-                "matvec",
-                &[(define, 1), ("R", u(rows.max(1))?)],
-                &params,
-                &binds,
-                u(groups)?,
-            );
+            return self.matvec(x, w, bias, rows, out, Fuse::None);
         }
         let native = (w.kind == WeightKind::F16 && self.f16) as u32;
         self.dispatch(
             shader::MATMUL,
-            "matmul",
+            entry,
             &[(define, 1), ("F16_NATIVE", native)],
             &params,
             &binds,
@@ -1014,51 +1236,82 @@ impl Backend for Wgpu {
         inter: Option<&mut GpuBuf>,
         y: &mut GpuBuf,
     ) -> Result<()> {
+        self.update(p, zxbcdt, Some(xbc), dec, pool, inter, y, None)
+    }
+
+    /// Three dispatches where the shapes allow: in_proj with the conv update in its epilogue,
+    /// the state update with the gate (and the norm's sums of squares), out_proj with the norm.
+    fn decode(
+        &self,
+        p: &Params<Self>,
+        hidden: &GpuBuf,
+        dec: &Decode<Self>,
+        pool: &mut States<Self>,
+        inter: Option<&mut States<Self>>,
+    ) -> Result<GpuBuf> {
         let cfg = &p.cfg;
-        let (nh, hd, ds) = (cfg.nheads(), cfg.headdim, cfg.d_state);
-        // Eight state rows per workgroup.
-        let groups = dec.requests() * nh * hd.div_ceil(8);
-        let lim = dt_limits(cfg);
-        let params = [
-            u(nh)?,
-            u(hd)?,
-            u(ds)?,
-            u(cfg.ngroups)?,
-            u(cfg.conv_dim())?,
-            u(cfg.d_in_proj())?,
-            u(cfg.d_inner() + cfg.conv_dim())?,
-            u(dec.requests())?,
-            u(dec.stride)?,
-            cfg.d_has_hdim as u32,
-            lim[0],
-            lim[1],
-            lim[2],
-            lim[3],
-            u(groups)?,
-            0,
-        ];
-        if ds > MAX_D_STATE {
-            return Err(err(format!(
-                "d_state {ds} is larger than the decode kernel's {MAX_D_STATE}"
-            )));
+        let rows = dec.rows();
+        let per_vec = if p.out_proj.kind == WeightKind::F32 {
+            4
+        } else {
+            8
+        };
+        let gs = cfg.d_inner() / cfg.ngroups;
+        let fusable = (1..=MATVEC_ROWS).contains(&rows)
+            && p.in_proj_bias.is_none()
+            && p.in_proj.k.is_multiple_of(4)
+            && gs.is_multiple_of(per_vec)
+            && rows * cfg.ngroups <= MAX_NORM_FACTORS;
+        if !fusable {
+            return decode_ops(self, p, hidden, dec, pool, inter);
         }
-        let saved = inter.map_or(self.dummy_rw.raw(), |b| b.raw());
-        self.dispatch(
-            shader::STATE_UPDATE,
-            "state_update",
-            &[("SUBGROUPS", self.subgroups as u32)],
-            &params,
-            &[
-                (1, zxbcdt.raw()),
-                (2, xbc.raw()),
-                (3, p.heads.raw()),
-                (6, dec.dev.raw()),
-                (9, pool.raw()),
-                (10, saved),
-                (11, y.raw()),
-            ],
-            u(groups)?,
-        )
+        let (inter_conv, inter_ssm) = match inter {
+            Some(s) => (Some(&mut s.conv), Some(&mut s.ssm)),
+            None => (None, None),
+        };
+        let mut zxbcdt = self.alloc(rows * cfg.d_in_proj())?;
+        let fuse = Fuse::Conv {
+            p,
+            dec,
+            pool: &pool.conv,
+            inter: inter_conv.map(|b| &*b),
+        };
+        self.matvec(hidden, &p.in_proj, None, rows, &mut zxbcdt, fuse)?;
+        let mut u = self.alloc(rows * cfg.d_inner())?;
+        let blocks = cfg.headdim.div_ceil(8);
+        let mut part = self.alloc(rows * cfg.nheads() * blocks)?;
+        self.update(
+            p,
+            &zxbcdt,
+            None,
+            dec,
+            &mut pool.ssm,
+            inter_ssm,
+            &mut u,
+            Some(&mut part),
+        )?;
+        let mut out = self.alloc(rows * cfg.d_model)?;
+        let parts = if p.norm_weight.is_some() {
+            cfg.nheads() / cfg.ngroups * blocks
+        } else {
+            0
+        };
+        let fuse = Fuse::Gated {
+            part: &part,
+            ng: cfg.ngroups,
+            parts,
+            gs,
+            eps: cfg.norm_eps as f32,
+        };
+        self.matvec(
+            &u,
+            &p.out_proj,
+            p.out_proj_bias.as_ref(),
+            rows,
+            &mut out,
+            fuse,
+        )?;
+        Ok(out)
     }
 
     fn gated_norm(
