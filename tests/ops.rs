@@ -366,55 +366,45 @@ fn decode_pass_matches_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
             randn(&mut r, slots * cl, 1.0),
             randn(&mut r, slots * sl, 0.5),
         );
-        let run = |m: &Mixer<B>| -> [Vec<f32>; 5] {
-            let b = &m.backend;
-            let dec = decode_batch(b, cu.clone(), dslots.clone(), record.clone(), stride).unwrap();
-            let mut pool: States<B> = States {
+        /// Output, pools and intermediates of one decode pass from `pools`.
+        fn run<X: Backend>(
+            m: &Mixer<X>,
+            dec: (&[i32], &[i32], &[i32], usize),
+            hidden: &[f32],
+            pools: &(Vec<f32>, Vec<f32>),
+        ) -> [Vec<f32>; 5] {
+            let (b, cfg) = (&m.backend, m.config());
+            let (cu, slots, record, stride) = dec;
+            let dec =
+                decode_batch(b, cu.to_vec(), slots.to_vec(), record.to_vec(), stride).unwrap();
+            let (cl, sl) = (cfg.conv_state_len(), cfg.ssm_state_len());
+            let n = pools.0.len() / cl;
+            let mut pool: States<X> = States {
                 conv: b.upload(&pools.0).unwrap(),
                 ssm: b.upload(&pools.1).unwrap(),
             };
-            let entries = slots * stride;
-            let mut inter: States<B> = States {
+            let entries = n * stride;
+            let mut inter: States<X> = States {
                 conv: b.zeros(entries * cl).unwrap(),
                 ssm: b.zeros(entries * sl).unwrap(),
             };
-            let x = b.upload(&hidden).unwrap();
+            let x = b.upload(hidden).unwrap();
             let out = b
                 .decode(&m.params, &x, &dec, &mut pool, Some(&mut inter))
                 .unwrap();
             [
-                read(b, &out, rows * cfg.d_model),
-                read(b, &pool.conv, slots * cl),
-                read(b, &pool.ssm, slots * sl),
+                read(b, &out, hidden.len()),
+                read(b, &pool.conv, n * cl),
+                read(b, &pool.ssm, n * sl),
                 read(b, &inter.conv, entries * cl),
                 read(b, &inter.ssm, entries * sl),
             ]
-        };
-        let cpu_run = |m: &Mixer<Cpu>| -> [Vec<f32>; 5] {
-            let b = &m.backend;
-            let dec = decode_batch(b, cu.clone(), dslots.clone(), record.clone(), stride).unwrap();
-            let mut pool: States<Cpu> = States {
-                conv: b.upload(&pools.0).unwrap(),
-                ssm: b.upload(&pools.1).unwrap(),
-            };
-            let entries = slots * stride;
-            let mut inter: States<Cpu> = States {
-                conv: b.zeros(entries * cl).unwrap(),
-                ssm: b.zeros(entries * sl).unwrap(),
-            };
-            let x = b.upload(&hidden).unwrap();
-            let out = b
-                .decode(&m.params, &x, &dec, &mut pool, Some(&mut inter))
-                .unwrap();
-            [
-                read(b, &out, rows * cfg.d_model),
-                read(b, &pool.conv, slots * cl),
-                read(b, &pool.ssm, slots * sl),
-                read(b, &inter.conv, entries * cl),
-                read(b, &inter.ssm, entries * sl),
-            ]
-        };
-        let (got, want) = (run(&gpu), cpu_run(&cpu));
+        }
+        let dec = (&cu[..], &dslots[..], &record[..], stride);
+        let (got, want) = (
+            run(&gpu, dec, &hidden, &pools),
+            run(&cpu, dec, &hidden, &pools),
+        );
         let l = format!("{label} {ty:?} decode pass cu {cu:?} slots {dslots:?} record {record:?}");
         for (i, what) in ["out", "conv pool", "ssm pool", "conv inter", "ssm inter"]
             .iter()
