@@ -4,10 +4,10 @@
 use std::str::FromStr;
 use std::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Decode, Pack, States};
 use crate::config::MixerConfig;
 use crate::error::{Error, Result};
-use crate::graph::{Engine, EngineConfig, Request, Work};
+use crate::graph::{decode, decode_batch, pack, prefill, Engine, EngineConfig, Request, Work};
 use crate::model::Mixer;
 
 /// The layers of shared/GPU.md: Mamba-2 2.7B and 130m.
@@ -69,13 +69,15 @@ impl std::fmt::Display for Case {
     }
 }
 
-/// Per step: wall-clock microseconds (upload, kernels, readback), device microseconds (from the
-/// step's first kernel to its last, barriers included) and the kernels by total time, each timed
-/// on its own in a second run.
+/// Per step: wall-clock microseconds of an engine step (upload, kernels, readback), the device
+/// microseconds of an engine step (first kernel to last, barriers included; the GPU idles between
+/// steps while the host works), the device microseconds of a step when steps run back to back,
+/// and the kernels of the back-to-back run, each timed on its own.
 #[derive(Debug, Clone)]
 pub struct Measured {
     pub case: Case,
     pub wall_us: f64,
+    pub step_us: Option<f64>,
     pub device_us: Option<f64>,
     pub kernels: Vec<(&'static str, f64)>,
 }
@@ -119,21 +121,36 @@ pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Resu
         .collect();
     let warmup = 3;
     run(&mut engine, &requests, case, warmup).await?;
-    // Whole steps first (the honest device time: barriers and gaps between kernels included),
-    // then every kernel on its own for the breakdown.
+    // Engine steps as a caller runs them: wall clock, and the device time of each step.
     let timed = m.backend.profile_start(false)?;
     let wall_us = run(&mut engine, &requests, case, iters).await?;
     let steps: Vec<f64> = m.backend.profile_take().iter().map(|e| e.1).collect();
-    let device_us =
+    let step_us =
         (timed && !steps.is_empty()).then(|| steps.iter().sum::<f64>() / 1e3 / steps.len() as f64);
+    drop(requests);
+    drop(engine);
+    // The same work back to back in one submission (the GPU never waits for the host, as in a
+    // CUDA-graph replay): whole steps, then every kernel on its own for the breakdown.
+    // A second of such replays first, of about 50 ms each, brings the GPU to its sustained
+    // clocks (it idles at half of them between engine steps), as the reference's replays do.
+    let flat: Vec<f32> = hidden.concat();
+    let mut device_us = None;
     let mut kernels: Vec<(&'static str, f64)> = vec![];
-    if m.backend.profile_start(true)? {
-        run(&mut engine, &requests, case, iters).await?;
-        for (name, ns) in m.backend.profile_take() {
-            match kernels.iter_mut().find(|(n, _)| *n == name) {
-                Some(k) => k.1 += ns,
-                None => kernels.push((name, ns)),
-            }
+    if let Some(first) = replay(m, case, &flat, warmup, false).await?.first() {
+        let reps = ((50e6 / (first.1 / warmup as f64).max(1.0)) as usize).clamp(iters, 20_000);
+        let t = Instant::now();
+        while t.elapsed().as_secs_f64() < 1.0 {
+            replay(m, case, &flat, reps, false).await?;
+        }
+        device_us = replay(m, case, &flat, reps, false)
+            .await?
+            .first()
+            .map(|e| e.1 / 1e3 / reps as f64);
+    }
+    for (name, ns) in replay(m, case, &flat, iters, true).await? {
+        match kernels.iter_mut().find(|(n, _)| *n == name) {
+            Some(k) => k.1 += ns,
+            None => kernels.push((name, ns)),
         }
     }
     kernels.iter_mut().for_each(|k| k.1 /= 1e3 * iters as f64);
@@ -141,6 +158,7 @@ pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Resu
     Ok(Measured {
         case,
         wall_us,
+        step_us,
         device_us,
         kernels,
     })
@@ -172,4 +190,67 @@ async fn run<B: Backend>(
         }
     }
     Ok(wall * 1e6 / n.max(1) as f64)
+}
+
+/// Records the passes of `n` steps of `case` into one submission (a prefill of one sequence, or a
+/// decode pass of `batch` requests of 1 + spec tokens over their own slots, recording
+/// intermediates when speculative) and returns the device profile of that submission: one "step"
+/// entry for all of it, or every kernel (`per_kernel`). Empty where the backend has no timer.
+async fn replay<B: Backend>(
+    m: &Mixer<B>,
+    case: Case,
+    hidden: &[f32],
+    n: usize,
+    per_kernel: bool,
+) -> Result<Vec<(&'static str, f64)>> {
+    let (b, cfg) = (&m.backend, m.config());
+    let (batch, spec) = match case {
+        Case::Prefill(_) => (1, 0),
+        Case::Decode { batch, spec } => (batch, spec),
+    };
+    let states = |entries: usize| -> Result<States<B>> {
+        Ok(States {
+            conv: b.zeros(entries * cfg.conv_state_len())?,
+            ssm: b.zeros(entries * cfg.ssm_state_len())?,
+        })
+    };
+    let mut pool = states(batch)?;
+    let x = b.upload(hidden)?;
+    let slots: Vec<i32> = (0..batch as i32).collect();
+    let rows = hidden.len() / cfg.d_model;
+    enum Pass<B: Backend> {
+        Prefill(Pack<B>),
+        Decode(Decode<B>, Option<States<B>>),
+    }
+    let pass = match case {
+        Case::Prefill(_) => {
+            Pass::Prefill(pack(b, vec![0, rows as i32], slots, &[], cfg.chunk_size)?)
+        }
+        Case::Decode { .. } => {
+            let cu = (0..=batch).map(|i| (i * (1 + spec)) as i32).collect();
+            let record = if spec > 0 {
+                slots.clone()
+            } else {
+                vec![-1; batch]
+            };
+            let inter = if spec > 0 {
+                Some(states(batch * (1 + spec))?)
+            } else {
+                None
+            };
+            Pass::Decode(decode_batch(b, cu, slots, record, 1 + spec)?, inter)
+        }
+    };
+    if !b.profile_start(per_kernel)? {
+        return Ok(vec![]);
+    }
+    let mut pass = pass;
+    for _ in 0..n {
+        match &mut pass {
+            Pass::Prefill(pk) => drop(prefill(m, &x, pk, &mut pool, None)?),
+            Pass::Decode(dec, inter) => drop(decode(m, &x, dec, &mut pool, inter.as_mut())?),
+        }
+    }
+    b.read(&[(&pool.ssm, 0, 1)]).await?;
+    Ok(b.profile_take())
 }

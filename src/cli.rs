@@ -179,7 +179,7 @@ fn bench(a: &BenchArgs) -> Result<String> {
     };
     let mut out = format!(
         "layer {name}, {:?} weights, backend {device}, {} timed steps per case\n\n\
-         | case | device us per step | wall us | kernels, each timed alone (device us) |\n|---|---|---|---|\n",
+         | case | device us per step, back to back | device us per engine step | wall us per engine step | kernels, each timed alone (device us) |\n|---|---|---|---|---|\n",
         a.dtype, a.iters
     );
     for m in rows {
@@ -188,10 +188,12 @@ fn bench(a: &BenchArgs) -> Result<String> {
             .iter()
             .map(|(k, us)| format!("{k} {us:.1}"))
             .collect();
+        let us = |v: Option<f64>| v.map_or("-".into(), |us| format!("{us:.1}"));
         out.push_str(&format!(
-            "| {} | {} | {:.1} | {} |\n",
+            "| {} | {} | {} | {:.1} | {} |\n",
             m.case,
-            m.device_us.map_or("-".into(), |us| format!("{us:.1}")),
+            us(m.device_us),
+            us(m.step_us),
             m.wall_us,
             kernels.join(", ")
         ));
