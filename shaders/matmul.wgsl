@@ -53,29 +53,6 @@ const KT: u32 = 16u;
 var<workgroup> xs: array<array<f32, 65>, 16>;
 var<workgroup> ws: array<array<f32, 65>, 16>;
 
-// One thread's share of a k step: 4 (row, k) elements of x and of w, 256 threads covering 64x16.
-struct Tile {
-    xv: vec4<f32>,
-    wv: vec4<f32>,
-}
-
-fn fetch(k0: u32, r0: u32, j0: u32, t: u32) -> Tile {
-    var s: Tile;
-    for (var i = 0u; i < 4u; i++) {
-        let e = t + i * 256u;
-        let gk = k0 + e % KT;
-        if (gk < p.k) {
-            if (r0 + e / KT < p.rows) {
-                s.xv[i] = x[(r0 + e / KT) * p.k + gk];
-            }
-            if (j0 + e / KT < p.n) {
-                s.wv[i] = wload(j0 + e / KT, gk);
-            }
-        }
-    }
-    return s;
-}
-
 @compute @workgroup_size(16, 16, 1)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -91,18 +68,27 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
-    // As in matmul_wide: the next step's loads are in flight during this step's products.
-    var next = fetch(0u, r0, j0, t);
     for (var k0 = 0u; k0 < p.k; k0 += KT) {
+        // 256 threads load 64x16 of x and of w: 4 values each.
         for (var i = 0u; i < 4u; i++) {
             let e = t + i * 256u;
-            xs[e % KT][e / KT] = next.xv[i];
-            ws[e % KT][e / KT] = next.wv[i];
+            let row = e / KT;
+            let kk = e % KT;
+            let gk = k0 + kk;
+            let gr = r0 + row;
+            let gj = j0 + row;
+            var xv = 0.0;
+            if (gr < p.rows && gk < p.k) {
+                xv = x[gr * p.k + gk];
+            }
+            var wv = 0.0;
+            if (gj < p.n && gk < p.k) {
+                wv = wload(gj, gk);
+            }
+            xs[kk][row] = xv;
+            ws[kk][row] = wv;
         }
         workgroupBarrier();
-        if (k0 + KT < p.k) {
-            next = fetch(k0 + KT, r0, j0, t);
-        }
         for (var kk = 0u; kk < KT; kk++) {
             let a = vec4<f32>(xs[kk][lid.y], xs[kk][lid.y + 16u], xs[kk][lid.y + 32u], xs[kk][lid.y + 48u]);
             let b = vec4<f32>(ws[kk][lid.x], ws[kk][lid.x + 16u], ws[kk][lid.x + 32u], ws[kk][lid.x + 48u]);
@@ -194,50 +180,6 @@ fn store8(r: u32, j: u32, c: Row8) {
     }
 }
 
-// One thread's share of a k step of the wide tiles: 4 consecutive x values of one row, and 2
-// weight pairs of columns t / 4 and t / 4 + 64.
-struct Stage {
-    xv: vec4<f32>,
-    w0: vec2<f32>,
-    w1: vec2<f32>,
-}
-
-fn wfetch(j: u32, k: u32) -> vec2<f32> {
-    if (j < p.n && k < p.k) {
-        return wpair(j, k);
-    }
-    return vec2<f32>(0.0);
-}
-
-fn fetch_wide(k0: u32, r0: u32, j0: u32, t: u32) -> Stage {
-    var s: Stage;
-    let gr = r0 + t / 2u;
-    let xk = k0 + (t % 2u) * 4u;
-    for (var u = 0u; u < 4u; u++) {
-        if (gr < p.rows && xk + u < p.k) {
-            s.xv[u] = x[gr * p.k + xk + u];
-        }
-    }
-    let kk = k0 + (t % 4u) * 2u;
-    s.w0 = wfetch(j0 + t / 4u, kk);
-    s.w1 = wfetch(j0 + t / 4u + 64u, kk);
-    return s;
-}
-
-fn put_wide(s: Stage, t: u32) {
-    let xr = t / 2u;
-    let xk = (t % 2u) * 4u;
-    for (var u = 0u; u < 4u; u++) {
-        xt[(xk + u) * XROW + xr / 4u][xr % 4u] = s.xv[u];
-    }
-    let col = t / 4u;
-    let kk = (t % 4u) * 2u;
-    wt[kk * WROW + col / 4u][col % 4u] = s.w0.x;
-    wt[(kk + 1u) * WROW + col / 4u][col % 4u] = s.w0.y;
-    wt[kk * WROW + 16u + col / 4u][col % 4u] = s.w1.x;
-    wt[(kk + 1u) * WROW + 16u + col / 4u][col % 4u] = s.w1.y;
-}
-
 @compute @workgroup_size(256, 1, 1)
 fn matmul_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -258,15 +200,33 @@ fn matmul_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     var c5: Row8;
     var c6: Row8;
     var c7: Row8;
-    // Each step's global loads are issued before the previous step's products, so their latency
-    // hides behind the arithmetic.
-    var next = fetch_wide(0u, r0, j0, t);
+    // Loads: x as 4 consecutive k of one row per thread, w as 2 pairs of one column.
+    let xr = t / 2u;
+    let xk = (t % 2u) * 4u;
     for (var k0 = 0u; k0 < p.k; k0 += WK) {
-        put_wide(next, t);
-        workgroupBarrier();
-        if (k0 + WK < p.k) {
-            next = fetch_wide(k0 + WK, r0, j0, t);
+        let gr = r0 + xr;
+        for (var u = 0u; u < 4u; u++) {
+            let gk = k0 + xk + u;
+            var v = 0.0;
+            if (gr < p.rows && gk < p.k) {
+                v = x[gr * p.k + gk];
+            }
+            xt[(xk + u) * XROW + xr / 4u][xr % 4u] = v;
         }
+        for (var i = 0u; i < 2u; i++) {
+            let e = t + i * 256u;
+            let col = e / 4u;
+            let kk = (e % 4u) * 2u;
+            let gj = j0 + col;
+            let gk = k0 + kk;
+            var v = vec2<f32>(0.0);
+            if (gj < p.n && gk < p.k) {
+                v = wpair(gj, gk);
+            }
+            wt[kk * WROW + col / 4u][col % 4u] = v.x;
+            wt[(kk + 1u) * WROW + col / 4u][col % 4u] = v.y;
+        }
+        workgroupBarrier();
         for (var kk = 0u; kk < WK; kk++) {
             let a0 = xt[kk * XROW + ty];
             let a1 = xt[kk * XROW + 16u + ty];
