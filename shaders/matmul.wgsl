@@ -10,7 +10,14 @@ struct Params {
     has_bias: u32,
     tiles_n: u32,
     groups: u32,
-    _pad: u32,
+    // matmul: the k range of each workgroup (split-K; k itself when not split). With more than
+    // one split each writes its partial product to its own (rows, n) block of `out` (a scratch
+    // buffer) and matmul_sum adds them.
+    k_per: u32,
+    splits: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -60,15 +67,19 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     if (g >= p.groups) {
         return;
     }
-    let r0 = (g / p.tiles_n) * TILE;
+    let tiles = p.groups / p.splits;
+    let split = g / tiles;
+    let r0 = (g % tiles / p.tiles_n) * TILE;
     let j0 = (g % p.tiles_n) * TILE;
+    let k_start = split * p.k_per;
+    let k_end = min(p.k, k_start + p.k_per);
     let t = lid.y * 16u + lid.x;
     // One vec4 of 4 columns per output row: registers, no private arrays (drivers spill those).
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.k; k0 += KT) {
+    for (var k0 = k_start; k0 < k_end; k0 += KT) {
         // 256 threads load 64x16 of x and of w: 4 values each.
         for (var i = 0u; i < 4u; i++) {
             let e = t + i * 256u;
@@ -78,11 +89,11 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             let gr = r0 + row;
             let gj = j0 + row;
             var xv = 0.0;
-            if (gr < p.rows && gk < p.k) {
+            if (gr < p.rows && gk < k_end) {
                 xv = x[gr * p.k + gk];
             }
             var wv = 0.0;
-            if (gj < p.n && gk < p.k) {
+            if (gj < p.n && gk < k_end) {
                 wv = wload(gj, gk);
             }
             xs[kk][row] = xv;
@@ -99,14 +110,15 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         }
         workgroupBarrier();
     }
-    store_row(r0 + lid.y, j0 + lid.x, acc0);
-    store_row(r0 + lid.y + 16u, j0 + lid.x, acc1);
-    store_row(r0 + lid.y + 32u, j0 + lid.x, acc2);
-    store_row(r0 + lid.y + 48u, j0 + lid.x, acc3);
+    let at = split * p.rows * p.n;
+    store_row(at, r0 + lid.y, j0 + lid.x, acc0);
+    store_row(at, r0 + lid.y + 16u, j0 + lid.x, acc1);
+    store_row(at, r0 + lid.y + 32u, j0 + lid.x, acc2);
+    store_row(at, r0 + lid.y + 48u, j0 + lid.x, acc3);
 }
 
-// Columns j, j+16, j+32, j+48 of row r.
-fn store_row(r: u32, j: u32, v: vec4<f32>) {
+// Columns j, j+16, j+32, j+48 of row r, into the block at `at` (the bias only when not split).
+fn store_row(at: u32, r: u32, j: u32, v: vec4<f32>) {
     if (r >= p.rows) {
         return;
     }
@@ -114,12 +126,31 @@ fn store_row(r: u32, j: u32, v: vec4<f32>) {
         let c = j + f * 16u;
         if (c < p.n) {
             var o = v[f];
-            if (p.has_bias != 0u) {
+            if (p.has_bias != 0u && p.splits == 1u) {
                 o += bias[c];
             }
-            out[r * p.n + c] = o;
+            out[at + r * p.n + c] = o;
         }
     }
+}
+
+// The split-K partials of matmul summed, plus the bias: `x` holds `splits` blocks of (rows, n).
+@compute @workgroup_size(256, 1, 1)
+fn matmul_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + lid.x;
+    let total = p.rows * p.n;
+    if (i >= total) {
+        return;
+    }
+    var o = 0.0;
+    if (p.has_bias != 0u) {
+        o = bias[i % p.n];
+    }
+    for (var s = 0u; s < p.splits; s++) {
+        o += x[s * total + i];
+    }
+    out[i] = o;
 }
 
 // matmul_wide: the same product in tiles of 128x128 outputs for many rows (prefill): 256

@@ -2,8 +2,9 @@
 // k a multiple of 4, w stored (n, k) with each row padded to a whole number of 16-byte vectors
 // (`row_vecs` of them). Defines: W_F32, W_F16 or W_BF16; SUBGROUPS. A workgroup is 8 warps of 32
 // lanes; each warp owns one output column and its lanes stream the weight row 16 bytes at a time
-// (coalesced, read once). One column per warp measured fastest on the H200 (more warps in flight
-// beat x vectors shared by several columns), up to 4 rows.
+// (coalesced, read once), two loads in flight per lane (four measured no faster). One column per
+// warp measured fastest on the H200 (more warps in flight beat x vectors shared by several
+// columns), up to 4 rows.
 //
 // Two variants make the decode pass three dispatches:
 // CONV (in_proj, no bias): each xBC column (off .. off + cd) is one conv channel, owned by one

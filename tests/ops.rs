@@ -92,13 +92,23 @@ fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
         let (dip, cd) = (cfg.d_in_proj(), cfg.conv_dim());
         let (cl, sl) = (cfg.conv_state_len(), cfg.ssm_state_len());
 
-        // matmul: a random (n, k) weight in a random storage type, few and many rows.
-        for rows in [1usize, r.random_range(2..=4), r.random_range(5..200)] {
+        // matmul: a random (n, k) weight in a random storage type, few and many rows; the last
+        // case is a decode batch with a long k, which the tiled kernel splits over k.
+        let batch = r.random_range(5..=64);
+        for rows in [1usize, r.random_range(2..=4), r.random_range(5..200), batch] {
             // k a multiple of 4 half of the time: the matrix-vector kernel takes only those.
-            let k = r.random_range(1..300);
+            let k = if rows == batch {
+                r.random_range(512..1500)
+            } else {
+                r.random_range(1..300)
+            };
             let (n, k) = (
                 r.random_range(1..300),
-                if r.random_bool(0.5) { k * 4 } else { k },
+                if r.random_bool(0.5) && rows != batch {
+                    k * 4
+                } else {
+                    k
+                },
             );
             let wt = HostTensor::f32(vec![n, k], randn(&mut r, n * k, 0.1)).cast(ty);
             let x = randn(&mut r, rows * k, 1.0);

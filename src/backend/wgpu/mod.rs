@@ -973,7 +973,17 @@ impl Backend for Wgpu {
             ("matmul", 64)
         };
         let tiles_n = w.n.div_ceil(tile);
-        let groups = rows.div_ceil(tile) * tiles_n;
+        let tiles = rows.div_ceil(tile) * tiles_n;
+        // Split-K where the 64x64 tiles alone are too few workgroups to fill a big GPU (decode
+        // batches): about 512 workgroups, each over at least 256 of k.
+        let splits = if entry == "matmul" {
+            (512 / tiles.max(1)).clamp(1, (w.k / 256).max(1))
+        } else {
+            1
+        };
+        let k_per = w.k.div_ceil(splits).next_multiple_of(16);
+        let splits = w.k.div_ceil(k_per.max(1)).max(1);
+        let groups = tiles * splits;
         let params = [
             u(rows)?,
             u(w.n)?,
@@ -982,25 +992,42 @@ impl Backend for Wgpu {
             bias.is_some() as u32,
             u(tiles_n)?,
             u(groups)?,
+            u(k_per)?,
+            u(splits)?,
             0,
-        ];
-        let binds = [
-            (1, x.raw()),
-            (2, w.buf.raw()),
-            (3, self.opt(bias)),
-            (4, out.raw()),
+            0,
+            0,
         ];
         if few {
             return self.matvec(x, w, bias, rows, out, Fuse::None);
         }
         let native = (w.kind == WeightKind::F16 && self.f16) as u32;
+        let defines = [(define, 1), ("F16_NATIVE", native)];
+        if splits == 1 {
+            let binds = [
+                (1, x.raw()),
+                (2, w.buf.raw()),
+                (3, self.opt(bias)),
+                (4, out.raw()),
+            ];
+            return self.dispatch(shader::MATMUL, entry, &defines, &params, &binds, u(groups)?);
+        }
+        let scratch = self.alloc(splits * rows * w.n)?;
+        let binds = [
+            (1, x.raw()),
+            (2, w.buf.raw()),
+            (3, self.opt(bias)),
+            (4, scratch.raw()),
+        ];
+        self.dispatch(shader::MATMUL, entry, &defines, &params, &binds, u(groups)?)?;
+        let binds = [(1, scratch.raw()), (3, self.opt(bias)), (4, out.raw())];
         self.dispatch(
             shader::MATMUL,
-            entry,
-            &[(define, 1), ("F16_NATIVE", native)],
+            "matmul_sum",
+            &defines,
             &params,
             &binds,
-            u(groups)?,
+            u((rows * w.n).div_ceil(256))?,
         )
     }
 
