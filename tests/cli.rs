@@ -606,3 +606,58 @@ fn example_output_is_the_same_on_every_path_through_the_cli() {
         assert!(rel_l2(&b.2, &widen(&a.2)) <= TOL, "{path}: ssm_state");
     }
 }
+
+#[test]
+fn bench_times_every_case_on_every_backend() {
+    let cfg = example("config.json");
+    for backend in ["cpu", "wgpu"] {
+        let out = bin()
+            .args([
+                "bench",
+                "--backend",
+                backend,
+                "--config",
+                s(&cfg),
+                "--cases",
+                "decode:1,spec:2x1,prefill:40",
+                "--iters",
+                "2",
+            ])
+            .output()
+            .expect("run mamba-mixer");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for (case, kernel) in [
+            ("decode batch 1 |", "matvec"),
+            ("decode batch 2, 1+1 tokens |", "state_update"),
+            ("prefill 1x40 |", "ssd_mm"),
+        ] {
+            let row = text
+                .lines()
+                .find(|l| l.starts_with(&format!("| {case}")))
+                .unwrap_or_else(|| panic!("{backend}: no row for {case}\n{text}"));
+            let cols: Vec<&str> = row.split('|').map(str::trim).collect();
+            // | case | back to back | engine step | wall | kernels |
+            let wall: f64 = cols[4].parse().expect("wall us");
+            assert!(wall > 0.0, "{row}");
+            if backend == "wgpu" {
+                for c in [2, 3] {
+                    let us: f64 = cols[c]
+                        .parse()
+                        .unwrap_or_else(|_| panic!("device us: {row}"));
+                    assert!(us > 0.0, "{row}");
+                }
+                assert!(cols[5].contains(kernel), "{row}");
+            } else {
+                assert_eq!((cols[2], cols[3]), ("-", "-"), "{row}");
+            }
+        }
+    }
+    let r = run(&["bench", "--config", s(&cfg), "--cases", "decode:0"]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("decode:0"), "{}", r.stderr);
+}

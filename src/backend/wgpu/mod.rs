@@ -721,8 +721,8 @@ enum Fuse<'a> {
     Conv {
         p: &'a Params<Wgpu>,
         dec: &'a Decode<Wgpu>,
-        pool: &'a GpuBuf,
-        inter: Option<&'a GpuBuf>,
+        pool: &'a mut GpuBuf,
+        inter: Option<&'a mut GpuBuf>,
     },
     /// out_proj of a decode pass: the group RMSNorm factors from partial sums of squares (`parts`
     /// per (row, group); 0 without the norm).
@@ -825,6 +825,15 @@ impl Backend for Wgpu {
     }
 
     fn profile_start(&self, per_kernel: bool) -> Result<bool> {
+        // Without timestamps (inside passes, per step) there is nothing to time: not an error.
+        let need = if per_kernel {
+            wgpu::Features::TIMESTAMP_QUERY
+        } else {
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+        };
+        if !self.device.features().contains(need) {
+            return Ok(false);
+        }
         self.start_profile(per_kernel).map(|()| true)
     }
 
@@ -1300,8 +1309,8 @@ impl Backend for Wgpu {
         let fuse = Fuse::Conv {
             p,
             dec,
-            pool: &pool.conv,
-            inter: inter_conv.map(|b| &*b),
+            pool: &mut pool.conv,
+            inter: inter_conv,
         };
         self.matvec(hidden, &p.in_proj, None, rows, &mut zxbcdt, fuse)?;
         let mut u = self.alloc(rows * cfg.d_inner())?;
