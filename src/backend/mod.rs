@@ -250,11 +250,26 @@ pub fn decode_ops<B: Backend>(
 ) -> Result<B::Buf> {
     let cfg = &p.cfg;
     let rows = dec.rows();
-    let (inter_conv, inter_ssm) = match inter {
+    let (inter_conv, inter_ssm) = split(inter);
+    let zxbcdt = in_proj(b, p, hidden, rows)?;
+    let mut xbc = b.alloc(rows * cfg.conv_dim())?;
+    b.conv_update(p, &zxbcdt, dec, &mut pool.conv, inter_conv, &mut xbc)?;
+    let mut y = b.alloc(rows * cfg.d_inner())?;
+    b.state_update(p, &zxbcdt, &xbc, dec, &mut pool.ssm, inter_ssm, &mut y)?;
+    gate_out(b, p, &zxbcdt, &y, rows)
+}
+
+/// The conv and ssm halves of an optional pair of state buffers.
+pub fn split<B: Backend>(s: Option<&mut States<B>>) -> (Option<&mut B::Buf>, Option<&mut B::Buf>) {
+    match s {
         Some(s) => (Some(&mut s.conv), Some(&mut s.ssm)),
         None => (None, None),
-    };
-    let mut zxbcdt = b.alloc(rows * cfg.d_in_proj())?;
+    }
+}
+
+/// in_proj: the head of both passes, `zxbcdt (rows, d_in_proj)`.
+pub fn in_proj<B: Backend>(b: &B, p: &Params<B>, hidden: &B::Buf, rows: usize) -> Result<B::Buf> {
+    let mut zxbcdt = b.alloc(rows * p.cfg.d_in_proj())?;
     b.matmul(
         hidden,
         &p.in_proj,
@@ -262,11 +277,7 @@ pub fn decode_ops<B: Backend>(
         rows,
         &mut zxbcdt,
     )?;
-    let mut xbc = b.alloc(rows * cfg.conv_dim())?;
-    b.conv_update(p, &zxbcdt, dec, &mut pool.conv, inter_conv, &mut xbc)?;
-    let mut y = b.alloc(rows * cfg.d_inner())?;
-    b.state_update(p, &zxbcdt, &xbc, dec, &mut pool.ssm, inter_ssm, &mut y)?;
-    gate_out(b, p, &zxbcdt, &y, rows)
+    Ok(zxbcdt)
 }
 
 /// Gate, norm and out_proj: the tail of both passes, `(rows, d_model)`.

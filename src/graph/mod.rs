@@ -9,7 +9,7 @@ mod paths;
 pub use engine::{Engine, EngineConfig, Request, RequestOutput, SnapshotId, Work};
 pub use paths::{check_cu_seqlens, forward, Input, InputFile, Output, Path};
 
-use crate::backend::{gate_out, Backend, Decode, Pack, Snap, States};
+use crate::backend::{gate_out, in_proj, split, Backend, Decode, Pack, Snap, States};
 use crate::error::Result;
 use crate::model::Mixer;
 
@@ -85,13 +85,6 @@ pub fn decode_batch<B: Backend>(
     })
 }
 
-fn split<B: Backend>(s: Option<&mut States<B>>) -> (Option<&mut B::Buf>, Option<&mut B::Buf>) {
-    match s {
-        Some(s) => (Some(&mut s.conv), Some(&mut s.ssm)),
-        None => (None, None),
-    }
-}
-
 /// One prefill pass: `hidden (rows, d_model)` packed as `pack` says; returns `(rows, d_model)`.
 pub fn prefill<B: Backend>(
     m: &Mixer<B>,
@@ -104,14 +97,7 @@ pub fn prefill<B: Backend>(
     let cfg = &p.cfg;
     let rows = pack.rows();
     let (snap_conv, snap_ssm) = split(snaps);
-    let mut zxbcdt = b.alloc(rows * cfg.d_in_proj())?;
-    b.matmul(
-        hidden,
-        &p.in_proj,
-        p.in_proj_bias.as_ref(),
-        rows,
-        &mut zxbcdt,
-    )?;
+    let zxbcdt = in_proj(b, p, hidden, rows)?;
     let mut xbc = b.alloc(rows * cfg.conv_dim())?;
     b.conv(p, &zxbcdt, pack, &mut pool.conv, snap_conv, &mut xbc)?;
     let mut y = b.alloc(rows * cfg.d_inner())?;

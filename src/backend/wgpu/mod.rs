@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use wgpu::util::DeviceExt;
 
-use super::{decode_ops, Backend, Decode, Pack, Params, States};
+use super::{decode_ops, split, Backend, Decode, Pack, Params, States};
 use crate::config::MAX_D_CONV;
 use crate::error::{Error, Result};
 use crate::tensors::{Data, HostTensor};
@@ -1301,10 +1301,7 @@ impl Backend for Wgpu {
         if !fusable {
             return decode_ops(self, p, hidden, dec, pool, inter);
         }
-        let (inter_conv, inter_ssm) = match inter {
-            Some(s) => (Some(&mut s.conv), Some(&mut s.ssm)),
-            None => (None, None),
-        };
+        let (inter_conv, inter_ssm) = split(inter);
         let mut zxbcdt = self.alloc(rows * cfg.d_in_proj())?;
         let fuse = Fuse::Conv {
             p,
