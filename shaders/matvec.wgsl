@@ -73,7 +73,7 @@ const XPW: u32 = 2u;
 var<workgroup> red: array<vec4<f32>, WG>;
 #if GATED
 // Per (row, group): the RMSNorm factor.
-var<workgroup> scale: array<f32, 64>;
+var<workgroup> scale: array<f32, FACTORS>;
 #endif
 
 fn widen(word: u32) -> vec2<f32> {

@@ -98,6 +98,17 @@ enum WeightKind {
     Bf16,
 }
 
+impl WeightKind {
+    /// The shader define that selects this storage.
+    fn define(self) -> &'static str {
+        match self {
+            WeightKind::F32 => "W_F32",
+            WeightKind::F16 => "W_F16",
+            WeightKind::Bf16 => "W_BF16",
+        }
+    }
+}
+
 /// A handle on one GPU device; clones share the device, its pipelines and its buffer pool (so
 /// the layers of a model can share one device).
 #[derive(Clone)]
@@ -136,7 +147,7 @@ pub struct Inner {
     dummy_rw: GpuBuf,
     /// GPU timestamps around every dispatch, when profiling (adapters with TIMESTAMP_QUERY).
     profiler: RefCell<Option<Profiler>>,
-    /// Per dispatch (entry point, nanoseconds) of the readbacks since the last `take_profile`.
+    /// Per dispatch (entry point, nanoseconds) of the readbacks since the last `profile_take`.
     profile: Rc<RefCell<Vec<(&'static str, f64)>>>,
 }
 
@@ -246,44 +257,6 @@ impl Inner {
     /// Whether the adapter runs on the CPU (lavapipe, SwiftShader, WARP).
     pub fn is_software(&self) -> bool {
         self.software
-    }
-
-    /// Starts timing on the GPU: every dispatch (`per_kernel`), or every step as a whole, from
-    /// its first dispatch to the readback that ends it, barriers and gaps included (entries named
-    /// "step"). An error if the adapter has no timestamps (per step: none inside passes).
-    pub fn start_profile(&self, per_kernel: bool) -> Result<()> {
-        let features = self.device.features();
-        if !features.contains(wgpu::Features::TIMESTAMP_QUERY) {
-            return Err(err(
-                "the adapter has no TIMESTAMP_QUERY: GPU times are not available",
-            ));
-        }
-        if !per_kernel && !features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
-            return Err(err(
-                "the adapter has no TIMESTAMP_QUERY_INSIDE_PASSES: GPU times per step are not available",
-            ));
-        }
-        let capacity = 4096;
-        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("profile"),
-            ty: wgpu::QueryType::Timestamp,
-            count: capacity,
-        });
-        *self.profiler.borrow_mut() = Some(Profiler {
-            set,
-            capacity,
-            entries: vec![],
-            per_kernel,
-            open: false,
-        });
-        self.profile.borrow_mut().clear();
-        Ok(())
-    }
-
-    /// The GPU time of each dispatch read back since `start_profile` or the last call:
-    /// (entry point, nanoseconds), in order.
-    pub fn take_profile(&self) -> Vec<(&'static str, f64)> {
-        std::mem::take(&mut *self.profile.borrow_mut())
     }
 
     fn buffer(&self, bytes: u64) -> Result<GpuBuf> {
@@ -546,11 +519,7 @@ impl Inner {
         out: &mut GpuBuf,
         fuse: Fuse,
     ) -> Result<()> {
-        let define = match w.kind {
-            WeightKind::F32 => "W_F32",
-            WeightKind::F16 => "W_F16",
-            WeightKind::Bf16 => "W_BF16",
-        };
+        let define = w.kind.define();
         // One column per warp, eight warps per workgroup.
         let groups = w.n.div_ceil(8);
         let mut params = [
@@ -621,6 +590,7 @@ impl Inner {
                 ("SUBGROUPS", self.subgroups as u32),
                 ("CONV", conv),
                 ("GATED", gated),
+                ("FACTORS", u(MAX_NORM_FACTORS)?),
             ],
             &params,
             &binds,
@@ -824,8 +794,10 @@ impl Backend for Wgpu {
         })
     }
 
+    /// Times every dispatch (`per_kernel`), or every step as a whole, from its first dispatch to
+    /// the readback that ends it, barriers and gaps included (entries named "step"). False where
+    /// the adapter has no timestamps (per step: none inside passes).
     fn profile_start(&self, per_kernel: bool) -> Result<bool> {
-        // Without timestamps (inside passes, per step) there is nothing to time: not an error.
         let need = if per_kernel {
             wgpu::Features::TIMESTAMP_QUERY
         } else {
@@ -834,11 +806,25 @@ impl Backend for Wgpu {
         if !self.device.features().contains(need) {
             return Ok(false);
         }
-        self.start_profile(per_kernel).map(|()| true)
+        let capacity = 4096;
+        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: capacity,
+        });
+        *self.profiler.borrow_mut() = Some(Profiler {
+            set,
+            capacity,
+            entries: vec![],
+            per_kernel,
+            open: false,
+        });
+        self.profile.borrow_mut().clear();
+        Ok(true)
     }
 
     fn profile_take(&self) -> Vec<(&'static str, f64)> {
-        self.take_profile()
+        std::mem::take(&mut *self.profile.borrow_mut())
     }
 
     fn alloc(&self, len: usize) -> Result<GpuBuf> {
@@ -968,13 +954,11 @@ impl Backend for Wgpu {
         if x.len < rows * w.k || out.len < rows * w.n {
             return Err(err("matmul: buffers too small"));
         }
-        let define = match w.kind {
-            WeightKind::F32 => "W_F32",
-            WeightKind::F16 => "W_F16",
-            WeightKind::Bf16 => "W_BF16",
-        };
         // Few rows read the weight once with a reduction per column; more rows share tiles.
-        let few = rows <= MATVEC_ROWS && w.k.is_multiple_of(4);
+        if rows <= MATVEC_ROWS && w.k.is_multiple_of(4) {
+            return self.matvec(x, w, bias, rows, out, Fuse::None);
+        }
+        let define = w.kind.define();
         // 128x128 tiles where there are rows enough to fill them; 64x64 below (decode batches).
         let (entry, tile) = if rows > 64 {
             ("matmul_wide", 128)
@@ -1007,9 +991,6 @@ impl Backend for Wgpu {
             0,
             0,
         ];
-        if few {
-            return self.matvec(x, w, bias, rows, out, Fuse::None);
-        }
         let native = (w.kind == WeightKind::F16 && self.f16) as u32;
         let defines = [(define, 1), ("F16_NATIVE", native)];
         if splits == 1 {
