@@ -130,6 +130,11 @@ fn wload(j: u32, i: u32) -> WVec {
     return w[j * p.row_vecs + i];
 }
 
+// The weight vectors that hold k.
+fn vecs_of_k() -> u32 {
+    return (p.k + 4u * XPW - 1u) / (4u * XPW);
+}
+
 // One weight vector against the rows of `s`: one value per row.
 fn dots(q: WVec, s: Span) -> vec4<f32> {
 #if W_F32
@@ -273,8 +278,9 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         }
         workgroupBarrier();
     }
-    // Weight vectors per group: the group of each span is uniform.
-    let gv = p.row_vecs / p.ng;
+    // Weight vectors per group: the group of each span is uniform. (Rows may be padded past
+    // the last vector of k, for the tensor-core kernel.)
+    let gv = vecs_of_k() / p.ng;
     var acc = vec4<f32>(0.0);
     for (var grp = 0u; grp < p.ng; grp++) {
         var f = vec4<f32>(0.0);
@@ -286,7 +292,7 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         acc = fma(stream(grp * gv, (grp + 1u) * gv, lane, j), f, acc);
     }
 #else
-    let acc = stream(0u, p.row_vecs, lane, j);
+    let acc = stream(0u, vecs_of_k(), lane, j);
 #endif
     let sum = lane_sum(acc, t, width);
     if (lane != 0u || j >= p.n) {

@@ -325,7 +325,12 @@ impl Opened {
             Opened::Wgpu(w) => {
                 let (f16, subgroups) = w.features_in_use();
                 let mut name = format!("wgpu ({}", w.adapter_name());
-                for (on, feature) in [(f16, "shader-f16"), (subgroups, "subgroups")] {
+                let coop = w.uses_coop();
+                for (on, feature) in [
+                    (f16, "shader-f16"),
+                    (subgroups, "subgroups"),
+                    (coop, "cooperative matrices"),
+                ] {
                     if on {
                         name.push_str(", ");
                         name.push_str(feature);

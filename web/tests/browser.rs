@@ -142,6 +142,8 @@ async fn webgpu_matches_cpu_on_the_full_and_decode_paths() {
     let plain = webgpu(WgpuOptions {
         use_f16: false,
         use_subgroups: false,
+        use_coop: false,
+        trusted: false,
     })
     .await;
     console_log!(

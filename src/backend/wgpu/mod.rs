@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use half::f16;
 use wgpu::util::DeviceExt;
 
 use super::{decode_ops, split, Backend, Decode, Pack, Params, States};
@@ -39,6 +40,13 @@ fn err(msg: impl Into<String>) -> Error {
 pub struct WgpuOptions {
     pub use_f16: bool,
     pub use_subgroups: bool,
+    /// Cooperative matrices (tensor cores) for the matmuls of more than a few rows with 16-bit
+    /// weights, where the adapter has 16x16x16 f16 products into f32 and subgroups of 32 (wgpu's
+    /// experimental feature; native only).
+    pub use_coop: bool,
+    /// Kernels without wgpu's runtime checks (index clamps, loop counters, zeroed workgroup
+    /// memory): ours stay in bounds by construction. Browsers always check.
+    pub trusted: bool,
 }
 
 impl Default for WgpuOptions {
@@ -46,6 +54,8 @@ impl Default for WgpuOptions {
         WgpuOptions {
             use_f16: true,
             use_subgroups: true,
+            use_coop: true,
+            trusted: true,
         }
     }
 }
@@ -89,6 +99,8 @@ pub struct GpuWeight {
     k: usize,
     row_words: usize,
     kind: WeightKind,
+    /// f16 in mma.wgsl's layout: rows of a multiple of 32 values, a multiple of 256 rows.
+    mma: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +144,10 @@ pub struct Inner {
     f16: bool,
     /// SUBGROUP is on: reductions use subgroup sums.
     subgroups: bool,
+    /// EXPERIMENTAL_COOPERATIVE_MATRIX is on, with 16x16x16 f16 products into f32.
+    coop: bool,
+    /// Kernels built without runtime checks.
+    trusted: bool,
     limits: wgpu::Limits,
     pipelines: RefCell<HashMap<String, Rc<wgpu::ComputePipeline>>>,
     encoder: RefCell<Option<wgpu::CommandEncoder>>,
@@ -183,6 +199,21 @@ impl Wgpu {
         }
         features |= have
             & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
+        let f16_into_f32 = adapter.cooperative_matrix_properties().iter().any(|c| {
+            use wgpu::CooperativeScalarType as T;
+            (c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type) == (16, 16, 16, T::F16, T::F32)
+        });
+        // The kernel places its matrices by subgroup, 32 lanes each (NVIDIA's warps).
+        let info = adapter.get_info();
+        let coop = opts.use_coop
+            && features.contains(wgpu::Features::SHADER_F16)
+            && features.contains(wgpu::Features::SUBGROUP)
+            && (info.subgroup_min_size, info.subgroup_max_size) == (32, 32)
+            && have.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            && f16_into_f32;
+        if coop {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         // Everything the adapter offers, but no more storage buffers per shader than WebGPU
         // guarantees everywhere (8), so that a native run catches a kernel that browsers refuse.
         let mut limits = adapter.limits();
@@ -193,7 +224,13 @@ impl Wgpu {
                 label: Some("mamba-mixer"),
                 required_features: features,
                 required_limits: limits.clone(),
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                // SAFETY: the one experimental feature requested is cooperative matrices, used by
+                // one kernel (mma.wgsl) in the configuration the adapter reports.
+                experimental_features: if coop {
+                    unsafe { wgpu::ExperimentalFeatures::enabled() }
+                } else {
+                    wgpu::ExperimentalFeatures::disabled()
+                },
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
             })
@@ -218,10 +255,11 @@ impl Wgpu {
             pool: pool.clone(),
         };
         let (dummy, dummy_rw) = (dummy("dummy"), dummy("dummy_rw"));
-        let info = adapter.get_info();
         let inner = Inner {
             f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
+            coop,
+            trusted: opts.trusted,
             adapter_name: info.name,
             software: info.device_type == wgpu::DeviceType::Cpu,
             device,
@@ -252,6 +290,11 @@ impl Inner {
     /// The optional features in use: (SHADER_F16, SUBGROUP).
     pub fn features_in_use(&self) -> (bool, bool) {
         (self.f16, self.subgroups)
+    }
+
+    /// Whether the matmuls run on cooperative matrices (tensor cores).
+    pub fn uses_coop(&self) -> bool {
+        self.coop
     }
 
     /// Whether the adapter runs on the CPU (lavapipe, SwiftShader, WARP).
@@ -332,19 +375,32 @@ impl Inner {
             return p.clone();
         }
         let source = shader::expand(shader.1, defines);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(shader.0),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(shader.0),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        };
+        let module = if self.trusted {
+            // SAFETY: every index of these kernels stays within the sizes that the host checked
+            // and passed them (the `wgpu-basic` test device runs them checked), and every loop
+            // ends; the checks cost the hot loops a clamp per index and a counter per loop.
+            unsafe {
+                self.device
+                    .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+            }
+        } else {
+            self.device.create_shader_module(desc)
+        };
         let pipeline = Rc::new(self.device.create_compute_pipeline(
             &wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
                 layout: None,
                 module: &module,
                 entry_point: Some(entry),
-                compilation_options: Default::default(),
+                // Every kernel writes its workgroup memory before reading it.
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    zero_initialize_workgroup_memory: !self.trusted,
+                    ..Default::default()
+                },
                 cache: None,
             },
         ));
@@ -506,6 +562,95 @@ impl Inner {
             enc.copy_buffer_to_buffer(&resolve, 0, &stage, 0, bytes);
         });
         Some((stage, entries))
+    }
+
+    /// `matmul` on tensor cores (mma.wgsl): x split into scaled f16 parts, the products in tiles
+    /// of 64x128, split over k (partials summed by matmul_sum) where the tiles alone are too few
+    /// workgroups to fill a big GPU.
+    fn mma(
+        &self,
+        x: &GpuBuf,
+        w: &GpuWeight,
+        bias: Option<&GpuBuf>,
+        rows: usize,
+        out: &mut GpuBuf,
+    ) -> Result<()> {
+        let kp = 2 * w.row_words;
+        let (wr, wc) = std::env::var("MMA_GRID")
+            .ok()
+            .and_then(|v| {
+                let (a, b) = v.split_once('x')?;
+                Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
+            })
+            .unwrap_or((2, 2));
+        let (tr, tc) = (32 * wr, 64 * wc);
+        let padded = rows.next_multiple_of(tr);
+        let parts = self.buffer((padded * kp * 4) as u64)?;
+        let scale = self.buffer((padded * 4) as u64)?;
+        let tiles_n = w.n.div_ceil(tc);
+        let tiles = padded / tr * tiles_n;
+        let splits = (512 / tiles).clamp(1, (kp / 256).max(1));
+        let k_per = kp.div_ceil(splits).next_multiple_of(32);
+        let splits = kp.div_ceil(k_per);
+        let params = |groups: usize| -> Result<[u32; 12]> {
+            Ok([
+                u(rows)?,
+                u(w.n)?,
+                u(kp)?,
+                u(w.row_words)?,
+                bias.is_some() as u32,
+                u(tiles_n)?,
+                u(groups)?,
+                u(k_per)?,
+                u(splits)?,
+                u(w.k)?,
+                0,
+                0,
+            ])
+        };
+        let split_binds = [(1, x.raw()), (2, parts.raw()), (3, scale.raw())];
+        self.dispatch(
+            shader::MMA,
+            "mma_split",
+            &[("SPLIT", 1)],
+            &params(padded)?,
+            &split_binds,
+            u(padded)?,
+        )?;
+        let groups = tiles * splits;
+        let scratch = if splits > 1 {
+            Some(self.buffer((splits * rows * w.n * 4) as u64)?)
+        } else {
+            None
+        };
+        let target = scratch.as_ref().map_or(out.raw(), |b| b.raw());
+        let binds = [
+            (1, parts.raw()),
+            (2, w.buf.raw()),
+            (3, scale.raw()),
+            (4, self.opt(bias)),
+            (5, target),
+        ];
+        self.dispatch(
+            shader::MMA,
+            "mma",
+            &[("COOP", 1), ("WR", wr as u32), ("WC", wc as u32)],
+            &params(groups)?,
+            &binds,
+            u(groups)?,
+        )?;
+        let Some(scratch) = scratch else {
+            return Ok(());
+        };
+        let binds = [(1, scratch.raw()), (3, self.opt(bias)), (4, out.raw())];
+        self.dispatch(
+            shader::MATMUL,
+            "matmul_sum",
+            &[(w.kind.define(), 1)],
+            &params(groups)?,
+            &binds,
+            u((rows * w.n).div_ceil(256))?,
+        )
     }
 
     /// A matrix-vector product of few rows (`rows <= MATVEC_ROWS`, `k` a multiple of 4), plain or
@@ -750,26 +895,46 @@ impl Backend for Wgpu {
         };
         // Rows are padded with zeros to whole 16-byte vectors (4 f32 or 8 16-bit values), so
         // that every row starts aligned for the vector loads of the matrix-vector kernel.
-        let per_vec = if matches!(w.data, Data::F32(_)) { 4 } else { 8 };
+        // With tensor cores, 16-bit weights become f16 in mma.wgsl's layout (bf16 ones only if
+        // they fit f16's range; below its normal range they move by at most 3e-8).
+        let mma = self.coop
+            && match &w.data {
+                Data::F32(_) => false,
+                Data::F16(_) => true,
+                Data::Bf16(v) => v.iter().all(|x| x.to_f32().abs() <= f16::MAX.to_f32()),
+            };
+        let per_vec = match (&w.data, mma) {
+            (Data::F32(_), _) => 4,
+            (_, true) => 32,
+            _ => 8,
+        };
         let padded = k.div_ceil(per_vec) * per_vec;
-        fn pad<T: Copy + Default>(v: &[T], n: usize, k: usize, padded: usize) -> Vec<T> {
-            let mut out = vec![T::default(); n * padded];
-            for r in 0..n {
-                out[r * padded..r * padded + k].copy_from_slice(&v[r * k..(r + 1) * k]);
+        let rows = if mma { n.next_multiple_of(256) } else { n };
+        fn pad<T: Copy + Default>(v: &[T], rows: usize, k: usize, padded: usize) -> Vec<T> {
+            let mut out = vec![T::default(); rows * padded];
+            for (r, row) in v.chunks_exact(k).enumerate() {
+                out[r * padded..r * padded + k].copy_from_slice(row);
             }
             out
         }
         let (bytes, kind): (Vec<u8>, WeightKind) = match &w.data {
             Data::F32(v) => (
-                bytemuck::cast_slice(&pad(v, n, k, padded)).to_vec(),
+                bytemuck::cast_slice(&pad(v, rows, k, padded)).to_vec(),
                 WeightKind::F32,
             ),
             Data::F16(v) => (
-                bytemuck::cast_slice(&pad(v, n, k, padded)).to_vec(),
+                bytemuck::cast_slice(&pad(v, rows, k, padded)).to_vec(),
                 WeightKind::F16,
             ),
+            Data::Bf16(v) if mma => {
+                let v: Vec<f16> = v.iter().map(|x| f16::from_f32(x.to_f32())).collect();
+                (
+                    bytemuck::cast_slice(&pad(&v, rows, k, padded)).to_vec(),
+                    WeightKind::F16,
+                )
+            }
             Data::Bf16(v) => (
-                bytemuck::cast_slice(&pad(v, n, k, padded)).to_vec(),
+                bytemuck::cast_slice(&pad(v, rows, k, padded)).to_vec(),
                 WeightKind::Bf16,
             ),
         };
@@ -791,6 +956,7 @@ impl Backend for Wgpu {
             k,
             row_words,
             kind,
+            mma,
         })
     }
 
@@ -957,6 +1123,9 @@ impl Backend for Wgpu {
         // Few rows read the weight once with a reduction per column; more rows share tiles.
         if rows <= MATVEC_ROWS && w.k.is_multiple_of(4) {
             return self.matvec(x, w, bias, rows, out, Fuse::None);
+        }
+        if w.mma {
+            return self.mma(x, w, bias, rows, out);
         }
         let define = w.kind.define();
         // 128x128 tiles where there are rows enough to fill them; 64x64 below (decode batches).

@@ -4,6 +4,7 @@
 
 /// The shaders, one file per op family.
 pub const MATMUL: (&str, &str) = ("matmul", include_str!("../../../shaders/matmul.wgsl"));
+pub const MMA: (&str, &str) = ("mma", include_str!("../../../shaders/mma.wgsl"));
 pub const MATVEC: (&str, &str) = ("matvec", include_str!("../../../shaders/matvec.wgsl"));
 pub const CONV: (&str, &str) = ("conv", include_str!("../../../shaders/conv.wgsl"));
 pub const SSD: (&str, &str) = (
@@ -32,8 +33,11 @@ pub const GATED_NORM: (&str, &str) = (
 pub fn expand(source: &str, defines: &[(&str, u32)]) -> String {
     let on = |name: &str| defines.iter().any(|&(n, v)| n == name && v != 0);
     let mut out = String::with_capacity(source.len() + 256);
-    if on("F16_NATIVE") {
+    if on("F16_NATIVE") || on("COOP") {
         out.push_str("enable f16;\n");
+    }
+    if on("COOP") {
+        out.push_str("enable wgpu_cooperative_matrix;\n");
     }
     if on("SUBGROUPS") && cfg!(target_arch = "wasm32") {
         out.push_str("enable subgroups;\n");
@@ -74,5 +78,29 @@ mod tests {
         assert_eq!(got, "const X: u32 = 1u;\nconst Y: u32 = 0u;\na\nb\nd\nf\n");
         let got = expand(src, &[]);
         assert_eq!(got, "a\ne\nf\n");
+    }
+
+    /// The tensor-core kernels run only where the adapter has cooperative matrices (not on
+    /// lavapipe): naga must at least accept them everywhere, and write SPIR-V for them.
+    #[test]
+    fn the_cooperative_matrix_kernels_compile() {
+        use wgpu::naga;
+        for split in [0, 1] {
+            let src = expand(
+                super::MMA.1,
+                &[("SPLIT", split), ("COOP", 1), ("WR", 2), ("WC", 2)],
+            );
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+            let info = naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+            let spv = naga::back::spv::write_vec(&module, &info, &Default::default(), None)
+                .unwrap_or_else(|e| panic!("SPIR-V of mma.wgsl (SPLIT {split}): {e}"));
+            assert!(spv.len() > 100);
+        }
     }
 }

@@ -1,0 +1,196 @@
+// out (rows, n) = x (rows, k) . w^T + bias on cooperative matrices (tensor cores): 16x16x16 f16
+// products accumulated in f32. The weights are f16 (16-bit checkpoints converted once at upload:
+// bf16 values are exact in f16 but for those below f16's normal range, which move by at most
+// 3e-8), stored (n, k) with rows padded to a multiple of 32 values and n to a multiple of 128.
+//
+// f16 alone would lose f32's accuracy, so mma_split writes each row of x scaled by a power of
+// two s_r (its largest value just under 2^15) as two f16 parts, hi = x s_r with 11 significant
+// bits (cut by a mask, so no conversion rounding is involved) and lo = x s_r - hi: every product
+// hi.w + lo.w is exact and the sum is x.w s_r to about 2^-21 of the row's largest value, which
+// the epilogue divides out. The parameters are matmul.wgsl's, so its matmul_sum adds split-K
+// partials: k is the padded row length, `rows` the real rows (x is padded to 64 with zeros).
+
+struct Params {
+    rows: u32,
+    n: u32,
+    k: u32,
+    row_words: u32,
+    has_bias: u32,
+    tiles_n: u32,
+    groups: u32,
+    k_per: u32,
+    splits: u32,
+    // The row count of x (mma_split: real rows; the rest up to the padding are zeros) and its
+    // row length.
+    x_k: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+#if SPLIT
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+// Pairs of f16: the hi rows, then the lo rows, each (padded rows, k).
+@group(0) @binding(2) var<storage, read_write> parts: array<u32>;
+@group(0) @binding(3) var<storage, read_write> scale: array<f32>;
+#else
+@group(0) @binding(1) var<storage, read> parts: array<f16>;
+@group(0) @binding(2) var<storage, read> w: array<f16>;
+@group(0) @binding(3) var<storage, read> scale: array<f32>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+#endif
+
+#if SPLIT
+var<workgroup> peak: array<f32, 256>;
+
+// One workgroup per padded row.
+@compute @workgroup_size(256, 1, 1)
+fn mma_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let r = wid.x + wid.y * nwg.x;
+    if (r >= p.groups) {
+        return;
+    }
+    let t = lid.x;
+    let live = r < p.rows;
+    var m = 0.0;
+    if (live) {
+        for (var k = t; k < p.x_k; k += 256u) {
+            m = max(m, abs(x[r * p.x_k + k]));
+        }
+    }
+    peak[t] = m;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off /= 2u) {
+        if (t < off) {
+            peak[t] = max(peak[t], peak[t + off]);
+        }
+        workgroupBarrier();
+    }
+    // 2^(141 - e) for a peak in [2^(e-127), 2^(e-126)): the scaled peak stays below 2^15.
+    let e = (bitcast<u32>(peak[0]) >> 23u) & 0xffu;
+    let s = bitcast<f32>(u32(clamp(268 - i32(e), 1, 254)) << 23u);
+    if (t == 0u) {
+        scale[r] = s;
+    }
+    let half = p.k / 2u;
+    let lo_at = p.groups * half;
+    for (var i = t; i < half; i += 256u) {
+        var v = vec2<f32>(0.0);
+        let k = 2u * i;
+        if (live && k < p.x_k) {
+            v.x = x[r * p.x_k + k];
+        }
+        if (live && k + 1u < p.x_k) {
+            v.y = x[r * p.x_k + k + 1u];
+        }
+        v *= s;
+        // 11 significant bits: exact in f16 for the scaled range (below 2^15; values under
+        // f16's normal range round, by at most 2^-25, negligible beside the row's peak).
+        let hi = bitcast<vec2<f32>>(bitcast<vec2<u32>>(v) & vec2<u32>(0xffffe000u));
+        parts[r * half + i] = pack2x16float(hi);
+        parts[lo_at + r * half + i] = pack2x16float(v - hi);
+    }
+}
+#else
+
+alias FragA = coop_mat16x16<f16, A>;
+alias FragB = coop_mat16x16<f16, B>;
+alias Acc = coop_mat16x16<f32, C>;
+
+// A workgroup is WR x WC subgroups of 32 lanes, each 32 rows x 64 columns (2x4 matrices): tiles
+// of TR x TC outputs.
+const TR: u32 = 32u * WR;
+const TC: u32 = 64u * WC;
+
+// Per subgroup, one accumulator at a time on its way out.
+var<workgroup> staged: array<f32, 256u * WR * WC>;
+
+// One accumulator (rows r0.., columns j0..) out through workgroup memory: the lane's 8 of its
+// 256 values, divided by the row scale, plus the bias when not split.
+fn emit(c: Acc, sg: u32, lane: u32, r0: u32, j0: u32, at: u32) {
+    coopStoreT(c, &staged[sg * 256u], 16u);
+    workgroupBarrier();
+    for (var m = 0u; m < 8u; m++) {
+        let e = lane + m * 32u;
+        let r = r0 + e / 16u;
+        let j = j0 + e % 16u;
+        if (r < p.rows && j < p.n) {
+            var o = staged[sg * 256u + e] / scale[r];
+            if (p.has_bias != 0u && p.splits == 1u) {
+                o += bias[j];
+            }
+            out[at + r * p.n + j] = o;
+        }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(32u * WR * WC, 1, 1)
+fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+       @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32) {
+    let g = wid.x + wid.y * nwg.x;
+    if (g >= p.groups) {
+        return;
+    }
+    let tiles = p.groups / p.splits;
+    let split = g / tiles;
+    let r0 = (g % tiles / p.tiles_n) * TR;
+    let j0 = (g % p.tiles_n) * TC;
+    let ar = r0 + (sg / WC) * 32u;
+    let bc = j0 + (sg % WC) * 64u;
+    let k_start = split * p.k_per;
+    let k_end = min(p.k, k_start + p.k_per);
+    // The lo rows follow all the padded hi rows.
+    let padded = (p.rows + TR - 1u) / TR * TR;
+    let lo = padded * p.k;
+    var c00 = Acc();
+    var c01 = Acc();
+    var c02 = Acc();
+    var c03 = Acc();
+    var c10 = Acc();
+    var c11 = Acc();
+    var c12 = Acc();
+    var c13 = Acc();
+    for (var k = k_start; k < k_end; k += 16u) {
+        let a0 = ar * p.k + k;
+        let a1 = a0 + 16u * p.k;
+        let h0 = coopLoadT<FragA>(&parts[a0], p.k);
+        let h1 = coopLoadT<FragA>(&parts[a1], p.k);
+        let l0 = coopLoadT<FragA>(&parts[lo + a0], p.k);
+        let l1 = coopLoadT<FragA>(&parts[lo + a1], p.k);
+        // Column-major k x n: column j is weight row j, its k contiguous.
+        let b = bc * p.k + k;
+        let b0 = coopLoad<FragB>(&w[b], p.k);
+        let b1 = coopLoad<FragB>(&w[b + 16u * p.k], p.k);
+        let b2 = coopLoad<FragB>(&w[b + 32u * p.k], p.k);
+        let b3 = coopLoad<FragB>(&w[b + 48u * p.k], p.k);
+        c00 = coopMultiplyAdd(h0, b0, c00);
+        c01 = coopMultiplyAdd(h0, b1, c01);
+        c02 = coopMultiplyAdd(h0, b2, c02);
+        c03 = coopMultiplyAdd(h0, b3, c03);
+        c10 = coopMultiplyAdd(h1, b0, c10);
+        c11 = coopMultiplyAdd(h1, b1, c11);
+        c12 = coopMultiplyAdd(h1, b2, c12);
+        c13 = coopMultiplyAdd(h1, b3, c13);
+        c00 = coopMultiplyAdd(l0, b0, c00);
+        c01 = coopMultiplyAdd(l0, b1, c01);
+        c02 = coopMultiplyAdd(l0, b2, c02);
+        c03 = coopMultiplyAdd(l0, b3, c03);
+        c10 = coopMultiplyAdd(l1, b0, c10);
+        c11 = coopMultiplyAdd(l1, b1, c11);
+        c12 = coopMultiplyAdd(l1, b2, c12);
+        c13 = coopMultiplyAdd(l1, b3, c13);
+    }
+    let at = split * p.rows * p.n;
+    emit(c00, sg, lane, ar, bc, at);
+    emit(c01, sg, lane, ar, bc + 16u, at);
+    emit(c02, sg, lane, ar, bc + 32u, at);
+    emit(c03, sg, lane, ar, bc + 48u, at);
+    emit(c10, sg, lane, ar + 16u, bc, at);
+    emit(c11, sg, lane, ar + 16u, bc + 16u, at);
+    emit(c12, sg, lane, ar + 16u, bc + 32u, at);
+    emit(c13, sg, lane, ar + 16u, bc + 48u, at);
+}
+#endif
