@@ -1,14 +1,15 @@
 // The SSD chunked scan over packed sequences, in five kernels:
-//   ssd_dt      per (chunk, head): dt = softplus(dt + dt_bias) clamped, and the chunk's cumulative
-//               dA = cumsum(dt * A);
-//   ssd_mm MODE=1 (cb)      per (chunk, group): CB = C B^T, a (Q x d_state)(d_state x Q) product;
-//   ssd_mm MODE=2 (states)  per (chunk, head): the chunk's own state
-//               S[p, s] = sum_k exp(dA_last - dA_k) dt_k x_k[p] B_k[s];
+//   ssd_dt      per (chunk, head): dt = softplus(dt + dt_bias) clamped, the chunk's cumulative
+//               dA = cumsum(dt * A), each row's weight exp(dA_last - dA_r) dt_r in the chunk's own
+//               state, and the chunk's decay exp(dA_last);
+//   ssd_mm MODE_CB      per (chunk, group): CB = C B^T, a (Q x d_state)(d_state x Q) product;
+//   ssd_mm MODE_STATES  per (chunk, group): the chunk's own states of all the group's heads
+//               S[h, p, s] = sum_k exp(dA_last - dA_k) dt_k x_k[h, p] B_k[s];
 //   ssd_pass    per (sequence, head, p, s): the state entering each chunk, passed chunk to chunk from
 //               the slot's state; the final state back to the slot, snapshots on the way;
-//   ssd_mm MODE=3 (out)     per (chunk, head):
+//   ssd_mm MODE_OUT     per (chunk, head):
 //               y_m = exp(dA_m) C_m . s_in + sum_{k<=m} CB[m,k] exp(dA_m - dA_k) dt_k x_k + D x_m.
-// The three products share one tiled kernel: 64x64 outputs per workgroup, 16x16 threads of 4x4.
+// The three products share one tiled kernel: 128x64 outputs per workgroup, 256 threads of 8x4.
 
 struct Params {
     rows: u32,
@@ -22,7 +23,7 @@ struct Params {
     q: u32,         // chunk size
     chunks: u32,
     seqs: u32,
-    count: u32,     // threads that do work
+    count: u32,     // threads that do work (workgroups: ssd_dt, ssd_mm)
     nsnaps: u32,
     d_hdim: u32,    // D per channel instead of per head
     has_lo: u32,
@@ -38,6 +39,9 @@ struct Params {
 @group(0) @binding(2) var<storage, read> xbc: array<f32>;
 // dt_bias (nh) | A_log (nh) | D (nh, or nh * hd with d_hdim)
 @group(0) @binding(3) var<storage, read> heads: array<f32>;
+// (rows, nh): exp(dA_last - dA_r) dt_r, row r's weight in its chunk's own state; then (chunks, nh):
+// exp(dA_last), the decay over the whole chunk.
+@group(0) @binding(4) var<storage, read_write> decay: array<f32>;
 @group(0) @binding(6) var<storage, read> cu: array<i32>;
 @group(0) @binding(7) var<storage, read> slots: array<i32>;
 @group(0) @binding(8) var<storage, read> seq_chunks: array<i32>;
@@ -78,23 +82,78 @@ fn c_at(r: u32, g: u32, s: u32) -> f32 {
     return xbc[r * p.cd + p.nh * p.hd + (p.ng + g) * p.ds + s];
 }
 
-@compute @workgroup_size(64, 1, 1)
+// ssd_dt: a workgroup per (chunk, DT_HEADS heads). A serial scan over a chunk's rows is a chain of
+// dependent loads and exps, so each head's rows are cut into DT_SEGS segments, scanned by a thread
+// each, then offset by the sums of the segments before them.
+const DT_HEADS: u32 = 8u;
+const DT_SEGS: u32 = 32u;
+
+var<workgroup> seg_sums: array<f32, 256>;  // (segment, head)
+
+@compute @workgroup_size(256, 1, 1)
 fn ssd_dt(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>) {
-    let id = index(wid, nwg, lid);
-    if (id >= p.count) {
+    let gid = wid.x + wid.y * nwg.x;
+    if (gid >= p.count) {
         return;
     }
-    let c = id / p.nh;
-    let h = id % p.nh;
-    let a = -exp(heads[p.nh + h]);
+    let blocks = (p.nh + DT_HEADS - 1u) / DT_HEADS;
+    let c = gid / blocks;
+    // Consecutive threads on consecutive heads: they read a row's dt values together.
+    let hl = lid.x % DT_HEADS;
+    let h = (gid % blocks) * DT_HEADS + hl;
+    let seg = lid.x / DT_HEADS;
+    let r0 = u32(chunk_rows[c]);
+    let len = u32(chunk_rows[c + 1u]) - r0;
+    let per = (len + DT_SEGS - 1u) / DT_SEGS;
+    let lo = r0 + min(seg * per, len);
+    let hi = r0 + min(seg * per + per, len);
+    let live = h < p.nh;
     var acc = 0.0;
-    for (var r = u32(chunk_rows[c]); r < u32(chunk_rows[c + 1u]); r++) {
-        let d = dt_of(zxbcdt[r * p.dip + p.dt_col + h], h);
-        acc += d * a;
-        dt[r * p.nh + h] = d;
-        cum[r * p.nh + h] = acc;
+    if (live) {
+        let a = -exp(heads[p.nh + h]);
+        for (var r = lo; r < hi; r++) {
+            let d = dt_of(zxbcdt[r * p.dip + p.dt_col + h], h);
+            acc += d * a;
+            dt[r * p.nh + h] = d;
+            cum[r * p.nh + h] = acc;
+        }
     }
+    seg_sums[lid.x] = acc;
+    workgroupBarrier();
+    // Summed in segment order, so that `total` is exactly the last row's dA.
+    var before = 0.0;
+    var total = 0.0;
+    for (var s = 0u; s < DT_SEGS; s++) {
+        let v = seg_sums[s * DT_HEADS + hl];
+        before += select(0.0, v, s < seg);
+        total += v;
+    }
+    if (!live) {
+        return;
+    }
+    for (var r = lo; r < hi; r++) {
+        let cm = cum[r * p.nh + h] + before;
+        cum[r * p.nh + h] = cm;
+        decay[r * p.nh + h] = exp(total - cm) * dt[r * p.nh + h];
+    }
+    if (seg == 0u) {
+        decay[(p.rows + c) * p.nh + h] = exp(total);
+    }
+}
+
+// Chunks c..c+3's own states at element e, and their decays (chunks past `last` read `last`'s).
+fn own4(c: u32, last: u32, e: u32) -> vec4<f32> {
+    let n = p.nh * p.hd * p.ds;
+    return vec4<f32>(states[min(c, last) * n + e], states[min(c + 1u, last) * n + e],
+                     states[min(c + 2u, last) * n + e], states[min(c + 3u, last) * n + e]);
+}
+
+fn decay4(c: u32, last: u32, h: u32) -> vec4<f32> {
+    return vec4<f32>(decay[(p.rows + min(c, last)) * p.nh + h],
+                     decay[(p.rows + min(c + 1u, last)) * p.nh + h],
+                     decay[(p.rows + min(c + 2u, last)) * p.nh + h],
+                     decay[(p.rows + min(c + 3u, last)) * p.nh + h]);
 }
 
 @compute @workgroup_size(64, 1, 1)
@@ -113,15 +172,23 @@ fn ssd_pass(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     if (slot >= 0) {
         st = pool[u32(slot) * p.nh * sl + e];
     }
-    for (var c = u32(seq_chunks[seq]); c < u32(seq_chunks[seq + 1u]); c++) {
-        let at = c * p.nh * sl + e;
-        let own = states[at];
-        states[at] = st;
-        let total = cum[(u32(chunk_rows[c + 1u]) - 1u) * p.nh + h];
-        st = fma(exp(total), st, own);
-        for (var k = 0u; k < p.nsnaps; k++) {
-            if (u32(snaps[k * 4u + 2u]) == c) {
-                saved[u32(snaps[k * 4u + 3u]) * p.nh * sl + e] = st;
+    let end = u32(seq_chunks[seq + 1u]);
+    // Eight chunks' own states and decays are loaded before their chain of fmas: the stores to
+    // `states` in the chain keep the compiler from moving later loads of `states` above them.
+    for (var c0 = u32(seq_chunks[seq]); c0 < end; c0 += 8u) {
+        let own0 = own4(c0, end - 1u, e);
+        let own1 = own4(c0 + 4u, end - 1u, e);
+        let dec0 = decay4(c0, end - 1u, h);
+        let dec1 = decay4(c0 + 4u, end - 1u, h);
+        for (var u = 0u; u < 8u && c0 + u < end; u++) {
+            let c = c0 + u;
+            states[c * p.nh * sl + e] = st;
+            let lo = u < 4u;
+            st = fma(select(dec1[u % 4u], dec0[u % 4u], lo), st, select(own1[u % 4u], own0[u % 4u], lo));
+            for (var k = 0u; k < p.nsnaps; k++) {
+                if (u32(snaps[k * 4u + 2u]) == c) {
+                    saved[u32(snaps[k * 4u + 3u]) * p.nh * sl + e] = st;
+                }
             }
         }
     }
@@ -130,14 +197,19 @@ fn ssd_pass(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     }
 }
 
-const TILE: u32 = 64u;
-const KT: u32 = 16u;
+const TI: u32 = 128u;  // output rows per workgroup
+const TJ: u32 = 64u;   // output columns per workgroup
+const WK: u32 = 16u;   // k per step through workgroup memory
+// vec4s per k row of the operand tiles, one more than the rows need against bank conflicts.
+const AROW: u32 = 33u;
+const BROW: u32 = 17u;
 
-var<workgroup> at: array<array<f32, 65>, 16>;
-var<workgroup> bt: array<array<f32, 65>, 16>;
+var<workgroup> at: array<vec4<f32>, 528>;  // (WK, AROW): A's rows i at each k, four to a vec4
+var<workgroup> bt: array<vec4<f32>, 272>;  // (WK, BROW): B's columns j at each k
+var<workgroup> cum_i: array<f32, 128>;     // MODE_OUT: dA of the tile's rows
 
 // What one workgroup computes: chunk c, head h (group g), the tile's first output row i0 and
-// column j0, and its sizes.
+// column j0, the chunk's first row r0 and its length.
 struct Tile {
     c: u32,
     h: u32,
@@ -148,38 +220,59 @@ struct Tile {
     len: u32,
 }
 
+// Channels (head, p) of one group.
+fn group_channels() -> u32 {
+    return p.nh / p.ng * p.hd;
+}
+
 fn tile_of(gid: u32) -> Tile {
     var t: Tile;
     // Tiles along i and j of one (chunk, head or group) product.
 #if MODE_CB
-    let ti = (p.q + TILE - 1u) / TILE;
-    let tj = ti;
+    let ti = (p.q + TI - 1u) / TI;
+    let tj = (p.q + TJ - 1u) / TJ;
     let per = p.ng;
 #else
 #if MODE_STATES
-    let ti = (p.hd + TILE - 1u) / TILE;
-    let tj = (p.ds + TILE - 1u) / TILE;
+    // Rows i: all the group's channels, whose heads share B.
+    let ti = (group_channels() + TI - 1u) / TI;
+    let tj = (p.ds + TJ - 1u) / TJ;
+    let per = p.ng;
 #else
-    let ti = (p.q + TILE - 1u) / TILE;
-    let tj = (p.hd + TILE - 1u) / TILE;
-#endif
+    let ti = (p.q + TI - 1u) / TI;
+    let tj = (p.hd + TJ - 1u) / TJ;
     let per = p.nh;
+#endif
 #endif
     let tiles = ti * tj;
     t.c = gid / (per * tiles);
     let hg = (gid / tiles) % per;
-    t.i0 = ((gid % tiles) / tj) * TILE;
-    t.j0 = (gid % tj) * TILE;
-#if MODE_CB
-    t.g = hg;
-    t.h = 0u;
-#else
+    t.i0 = ((gid % tiles) / tj) * TI;
+    t.j0 = (gid % tj) * TJ;
+#if MODE_OUT
     t.h = hg;
     t.g = hg / (p.nh / p.ng);
+#else
+    t.h = 0u;
+    t.g = hg;
 #endif
     t.r0 = u32(chunk_rows[t.c]);
     t.len = u32(chunk_rows[t.c + 1u]) - t.r0;
     return t;
+}
+
+// Tiles with nothing to do: rows past the chunk's end, and CB above the diagonal (MODE_OUT reads
+// CB[i, k] only for k <= i < len).
+fn idle(t: Tile) -> bool {
+#if MODE_CB
+    return t.i0 >= t.len || t.j0 >= t.len || t.j0 >= t.i0 + TI;
+#else
+#if MODE_STATES
+    return false;
+#else
+    return t.i0 >= t.len;
+#endif
+#endif
 }
 
 // The K extent of the product, and of its second phase (MODE_OUT: the inter-chunk term over
@@ -194,66 +287,100 @@ fn k_extent(t: Tile, phase: u32) -> u32 {
     if (phase == 0u) {
         return p.ds;
     }
-    return min(t.len, t.i0 + TILE);
+    return min(t.len, t.i0 + TI);
 #endif
 #endif
 }
 
-// Operand A (i, k) and B (k, j) of the product.
-fn load_a(t: Tile, phase: u32, i: u32, k: u32) -> f32 {
-#if MODE_CB
-    if (i >= t.len) {
-        return 0.0;
-    }
-    return c_at(t.r0 + i, t.g, k);
-#else
+// Operand A (TI rows i by WK) into `at` and B (WK by TJ columns j) into `bt`, zero outside the
+// product, for k0 + kk. Consecutive threads read consecutive addresses: along k for operands
+// stored by i or j (C and B rows in CB, C and the states in OUT phase 0, CB in phase 1), along i
+// or j for those stored by k (x, B in STATES, x in OUT phase 1). A thread keeps one kk (along k)
+// or one i or j (along i, j) for all its elements.
+fn fill(t: Tile, phase: u32, k0: u32, kn: u32, th: u32) {
 #if MODE_STATES
-    if (i >= p.hd) {
-        return 0.0;
+    let cpg = group_channels();
+    let i = th % TI;
+    let ch = t.g * cpg + t.i0 + i;  // h * hd + p
+    let h = ch / p.hd;
+    for (var e = 0u; e < TI * WK / 256u; e++) {
+        let kk = th / TI + e * (256u / TI);
+        let r = t.r0 + k0 + kk;
+        var v = 0.0;
+        if (k0 + kk < kn && t.i0 + i < cpg) {
+            v = xbc[r * p.cd + ch] * decay[r * p.nh + h];
+        }
+        at[kk * AROW + i / 4u][i % 4u] = v;
     }
-    let r = t.r0 + k;
-    let last = cum[(t.r0 + t.len - 1u) * p.nh + t.h];
-    let w = exp(last - cum[r * p.nh + t.h]) * dt[r * p.nh + t.h];
-    return w * xbc[r * p.cd + t.h * p.hd + i];
+    let j = th % TJ;
+    for (var e = 0u; e < TJ * WK / 256u; e++) {
+        let kk = th / TJ + e * (256u / TJ);
+        var v = 0.0;
+        if (k0 + kk < kn && t.j0 + j < p.ds) {
+            v = b_at(t.r0 + k0 + kk, t.g, t.j0 + j);
+        }
+        bt[kk * BROW + j / 4u][j % 4u] = v;
+    }
 #else
-    if (i >= t.len) {
-        return 0.0;
+    let kk = th % WK;
+    let k = k0 + kk;
+#if MODE_OUT
+    // Phase 1: A = CB[i, k] exp(dA_i - dA_k) dt_k for k <= i; this thread's dA_k and dt_k once.
+    var cum_k = 0.0;
+    var dt_k = 0.0;
+    if (phase == 1u && k < kn) {
+        cum_k = cum[(t.r0 + k) * p.nh + t.h];
+        dt_k = dt[(t.r0 + k) * p.nh + t.h];
     }
-    let cm = cum[(t.r0 + i) * p.nh + t.h];
-    if (phase == 0u) {
-        return exp(cm) * c_at(t.r0 + i, t.g, k);
-    }
-    if (k > i) {
-        return 0.0;
-    }
-    let cbv = cb[((t.c * p.ng + t.g) * p.q + i) * p.q + k];
-    return cbv * exp(cm - cum[(t.r0 + k) * p.nh + t.h]) * dt[(t.r0 + k) * p.nh + t.h];
 #endif
+    for (var e = 0u; e < TI * WK / 256u; e++) {
+        let i = th / WK + e * (256u / WK);
+        let ci = t.i0 + i;
+        var v = 0.0;
+        if (k < kn && ci < t.len) {
+#if MODE_OUT
+            if (phase == 0u) {
+                v = c_at(t.r0 + ci, t.g, k);
+            } else if (k <= ci) {
+                v = cb[((t.c * p.ng + t.g) * p.q + ci) * p.q + k] * exp(cum_i[i] - cum_k) * dt_k;
+            }
+#else
+            v = c_at(t.r0 + ci, t.g, k);
 #endif
-}
-
-fn load_b(t: Tile, phase: u32, k: u32, j: u32) -> f32 {
-#if MODE_CB
-    if (j >= t.len) {
-        return 0.0;
+        }
+        at[kk * AROW + i / 4u][i % 4u] = v;
     }
-    return b_at(t.r0 + j, t.g, k);
-#else
-#if MODE_STATES
-    if (j >= p.ds) {
-        return 0.0;
+#if MODE_OUT
+    if (phase == 1u) {
+        // x rows, along j.
+        let j = th % TJ;
+        for (var e = 0u; e < TJ * WK / 256u; e++) {
+            let kj = th / TJ + e * (256u / TJ);
+            var v = 0.0;
+            if (k0 + kj < kn && t.j0 + j < p.hd) {
+                v = xbc[(t.r0 + k0 + kj) * p.cd + t.h * p.hd + t.j0 + j];
+            }
+            bt[kj * BROW + j / 4u][j % 4u] = v;
+        }
+        return;
     }
-    return b_at(t.r0 + k, t.g, j);
-#else
-    if (j >= p.hd) {
-        return 0.0;
-    }
-    if (phase == 0u) {
+#endif
+    for (var e = 0u; e < TJ * WK / 256u; e++) {
+        let j = th / WK + e * (256u / WK);
+        let cj = t.j0 + j;
+        var v = 0.0;
+#if MODE_OUT
         // The state entering the chunk, (p, s) at (j, k).
-        return states[((t.c * p.nh + t.h) * p.hd + j) * p.ds + k];
-    }
-    return xbc[(t.r0 + k) * p.cd + t.h * p.hd + j];
+        if (k < kn && cj < p.hd) {
+            v = states[((t.c * p.nh + t.h) * p.hd + cj) * p.ds + k];
+        }
+#else
+        if (k < kn && cj < t.len) {
+            v = b_at(t.r0 + cj, t.g, k);
+        }
 #endif
+        bt[kk * BROW + j / 4u][j % 4u] = v;
+    }
 #endif
 }
 
@@ -264,8 +391,9 @@ fn store(t: Tile, i: u32, j: u32, v: f32) {
     }
 #else
 #if MODE_STATES
-    if (i < p.hd && j < p.ds) {
-        states[((t.c * p.nh + t.h) * p.hd + i) * p.ds + j] = v;
+    let cpg = group_channels();
+    if (i < cpg && j < p.ds) {
+        states[(t.c * p.nh * p.hd + t.g * cpg + i) * p.ds + j] = v;
     }
 #else
     if (i < t.len && j < p.hd) {
@@ -281,7 +409,14 @@ fn store(t: Tile, i: u32, j: u32, v: f32) {
 #endif
 }
 
-@compute @workgroup_size(16, 16, 1)
+// Row i, columns j..j+3 of the tile.
+fn store4(t: Tile, i: u32, j: u32, v: vec4<f32>) {
+    for (var f = 0u; f < 4u; f++) {
+        store(t, t.i0 + i, t.j0 + j + f, v[f]);
+    }
+}
+
+@compute @workgroup_size(256, 1, 1)
 fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>) {
     let gid = wid.x + wid.y * nwg.x;
@@ -289,49 +424,75 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         return;
     }
     let t = tile_of(gid);
-    let th = lid.y * 16u + lid.x;
-    // One vec4 of 4 columns per output row: registers, no private arrays (drivers spill those).
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    if (idle(t)) {
+        return;
+    }
+    let th = lid.x;
+    let tx = th % 16u;  // columns tx*4..tx*4+3
+    let ty = th / 16u;  // rows ty*4..ty*4+3 and 64+ty*4..64+ty*4+3
 #if MODE_OUT
+    if (th < TI) {
+        var v = 0.0;
+        if (t.i0 + th < t.len) {
+            v = cum[(t.r0 + t.i0 + th) * p.nh + t.h];
+        }
+        cum_i[th] = v;
+    }
+    workgroupBarrier();
     let phases = 2u;
 #else
     let phases = 1u;
 #endif
+    // One vec4 of 4 columns per output row: registers, no private arrays (drivers spill those).
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    var c4 = vec4<f32>(0.0);
+    var c5 = vec4<f32>(0.0);
+    var c6 = vec4<f32>(0.0);
+    var c7 = vec4<f32>(0.0);
     for (var phase = 0u; phase < phases; phase++) {
         let kn = k_extent(t, phase);
-        for (var k0 = 0u; k0 < kn; k0 += KT) {
-            for (var e = 0u; e < 4u; e++) {
-                let idx = th + e * 256u;
-                let row = idx / KT;
-                let kk = idx % KT;
-                var av = 0.0;
-                var bv = 0.0;
-                if (k0 + kk < kn) {
-                    av = load_a(t, phase, t.i0 + row, k0 + kk);
-                    bv = load_b(t, phase, k0 + kk, t.j0 + row);
-                }
-                at[kk][row] = av;
-                bt[kk][row] = bv;
-            }
+        for (var k0 = 0u; k0 < kn; k0 += WK) {
+            fill(t, phase, k0, kn, th);
             workgroupBarrier();
-            for (var kk = 0u; kk < KT; kk++) {
-                let a = vec4<f32>(at[kk][lid.y], at[kk][lid.y + 16u], at[kk][lid.y + 32u], at[kk][lid.y + 48u]);
-                let b = vec4<f32>(bt[kk][lid.x], bt[kk][lid.x + 16u], bt[kk][lid.x + 32u], bt[kk][lid.x + 48u]);
-                acc0 = fma(vec4<f32>(a.x), b, acc0);
-                acc1 = fma(vec4<f32>(a.y), b, acc1);
-                acc2 = fma(vec4<f32>(a.z), b, acc2);
-                acc3 = fma(vec4<f32>(a.w), b, acc3);
+            // Per k: 3 vector reads of workgroup memory for 32 FMAs.
+            for (var kk = 0u; kk < WK; kk++) {
+                let a0 = at[kk * AROW + ty];
+                let a1 = at[kk * AROW + 16u + ty];
+                let b = bt[kk * BROW + tx];
+                c0 = fma(vec4<f32>(a0.x), b, c0);
+                c1 = fma(vec4<f32>(a0.y), b, c1);
+                c2 = fma(vec4<f32>(a0.z), b, c2);
+                c3 = fma(vec4<f32>(a0.w), b, c3);
+                c4 = fma(vec4<f32>(a1.x), b, c4);
+                c5 = fma(vec4<f32>(a1.y), b, c5);
+                c6 = fma(vec4<f32>(a1.z), b, c6);
+                c7 = fma(vec4<f32>(a1.w), b, c7);
             }
             workgroupBarrier();
         }
-    }
-    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-    for (var e = 0u; e < 4u; e++) {
-        for (var f = 0u; f < 4u; f++) {
-            store(t, t.i0 + lid.y + e * 16u, t.j0 + lid.x + f * 16u, accs[e][f]);
+#if MODE_OUT
+        if (phase == 0u) {
+            // The inter-chunk term is exp(dA_i) (C_i . s_in): the factor once per output row.
+            c0 *= exp(cum_i[ty * 4u]);
+            c1 *= exp(cum_i[ty * 4u + 1u]);
+            c2 *= exp(cum_i[ty * 4u + 2u]);
+            c3 *= exp(cum_i[ty * 4u + 3u]);
+            c4 *= exp(cum_i[64u + ty * 4u]);
+            c5 *= exp(cum_i[64u + ty * 4u + 1u]);
+            c6 *= exp(cum_i[64u + ty * 4u + 2u]);
+            c7 *= exp(cum_i[64u + ty * 4u + 3u]);
         }
+#endif
     }
+    store4(t, ty * 4u, tx * 4u, c0);
+    store4(t, ty * 4u + 1u, tx * 4u, c1);
+    store4(t, ty * 4u + 2u, tx * 4u, c2);
+    store4(t, ty * 4u + 3u, tx * 4u, c3);
+    store4(t, 64u + ty * 4u, tx * 4u, c4);
+    store4(t, 64u + ty * 4u + 1u, tx * 4u, c5);
+    store4(t, 64u + ty * 4u + 2u, tx * 4u, c6);
+    store4(t, 64u + ty * 4u + 3u, tx * 4u, c7);
 }

@@ -24,6 +24,10 @@ const MAX_D_STATE: usize = 256;
 const MATVEC_ROWS: usize = 4;
 /// Most (row, group) pairs of the fused decode pass (the out_proj kernel's factors).
 const MAX_NORM_FACTORS: usize = 64;
+/// ssd.wgsl's tiles: ssd_mm's outputs per workgroup (rows, columns), ssd_dt's heads per workgroup.
+const SSD_TI: usize = 128;
+const SSD_TJ: usize = 64;
+const SSD_DT_HEADS: usize = 8;
 /// Most workgroups along one dispatch dimension.
 const MAX_GROUPS: u32 = 65535;
 
@@ -1326,6 +1330,7 @@ impl Backend for Wgpu {
         }
         let dt = self.buffer((rows * nh * 4) as u64)?;
         let cum = self.buffer((rows * nh * 4) as u64)?;
+        let decay = self.buffer(((rows + chunks) * nh * 4) as u64)?;
         let cb = self.buffer((chunks * ng * q * q * 4) as u64)?;
         let states = self.buffer((chunks * nh * hd * ds * 4) as u64)?;
         let lim = dt_limits(cfg);
@@ -1354,10 +1359,11 @@ impl Backend for Wgpu {
             ])
         };
         let saved = snaps.map_or(self.dummy_rw.raw(), |b| b.raw());
-        let all: [(u32, &wgpu::Buffer); 15] = [
+        let all: [(u32, &wgpu::Buffer); 16] = [
             (1, zxbcdt.raw()),
             (2, xbc.raw()),
             (3, p.heads.raw()),
+            (4, decay.raw()),
             (6, pack.dev_cu.raw()),
             (7, pack.dev_slots.raw()),
             (8, pack.dev_seq_chunks.raw()),
@@ -1371,43 +1377,49 @@ impl Backend for Wgpu {
             (16, saved),
             (17, y.raw()),
         ];
-        let sl = hd * ds;
-        let t = |n: usize| n.div_ceil(64);
-        let mm = |mode: &'static str, groups: usize, keep: &[u32]| -> Result<()> {
-            self.dispatch(
-                shader::SSD,
-                "ssd_mm",
-                &[(mode, 1)],
-                &params(groups)?,
-                &pick(&all, keep),
-                u(groups)?,
-            )
-        };
-        let threads = |entry: &'static str, n: usize, keep: &[u32]| -> Result<()> {
+        // Workgroups of one entry point (ssd_dt, ssd_mm), each told the count.
+        let groups = |entry: &'static str, defines: &[(&str, u32)], n: usize, keep: &[u32]| {
             self.dispatch(
                 shader::SSD,
                 entry,
-                &[],
+                defines,
                 &params(n)?,
                 &pick(&all, keep),
-                groups_for(n)?,
+                u(n)?,
             )
         };
-        threads("ssd_dt", chunks * nh, &[1, 3, 9, 11, 12])?;
-        mm("MODE_CB", chunks * ng * t(q) * t(q), &[2, 9, 13])?;
-        mm(
-            "MODE_STATES",
-            chunks * nh * t(hd) * t(ds),
-            &[2, 9, 11, 12, 14],
+        let (ti, tj) = (|n: usize| n.div_ceil(SSD_TI), |n: usize| n.div_ceil(SSD_TJ));
+        groups(
+            "ssd_dt",
+            &[],
+            chunks * nh.div_ceil(SSD_DT_HEADS),
+            &[1, 3, 4, 9, 11, 12],
         )?;
-        threads(
+        groups(
+            "ssd_mm",
+            &[("MODE_CB", 1)],
+            chunks * ng * ti(q) * tj(q),
+            &[2, 9, 13],
+        )?;
+        groups(
+            "ssd_mm",
+            &[("MODE_STATES", 1)],
+            chunks * ng * ti(nh / ng * hd) * tj(ds),
+            &[2, 4, 9, 14],
+        )?;
+        let n = pack.seqs() * nh * hd * ds;
+        self.dispatch(
+            shader::SSD,
             "ssd_pass",
-            pack.seqs() * nh * sl,
-            &[7, 8, 9, 10, 12, 14, 15, 16],
+            &[],
+            &params(n)?,
+            &pick(&all, &[4, 7, 8, 10, 14, 15, 16]),
+            groups_for(n)?,
         )?;
-        mm(
-            "MODE_OUT",
-            chunks * nh * t(q) * t(hd),
+        groups(
+            "ssd_mm",
+            &[("MODE_OUT", 1)],
+            chunks * nh * ti(q) * tj(hd),
             &[2, 3, 9, 11, 12, 13, 14, 17],
         )
     }
