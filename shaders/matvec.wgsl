@@ -255,6 +255,13 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let lane = t % LANES;
     let j = g * WARPS + t / LANES;
 #if GATED
+    // One group: the weights stream before the norm factors are summed, so that their loads do
+    // not wait behind that chain.
+    var acc = vec4<f32>(0.0);
+    let one = p.ng == 1u;
+    if (one) {
+        acc = stream(0u, vecs_of_k(), lane, j);
+    }
     // Each (row, group)'s factor from its partial sums of squares (all 1 without a norm).
     for (var q = 0u; q < p.rows * p.ng; q++) {
         var s = 0.0;
@@ -281,7 +288,6 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     // Weight vectors per group: the group of each span is uniform. (Rows may be padded past
     // the last vector of k, for the tensor-core kernel.)
     let gv = vecs_of_k() / p.ng;
-    var acc = vec4<f32>(0.0);
     for (var grp = 0u; grp < p.ng; grp++) {
         var f = vec4<f32>(0.0);
         for (var r = 0u; r < R; r++) {
@@ -289,7 +295,11 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
                 f[r] = scale[r * p.ng + grp];
             }
         }
-        acc = fma(stream(grp * gv, (grp + 1u) * gv, lane, j), f, acc);
+        if (one) {
+            acc *= f;
+        } else {
+            acc = fma(stream(grp * gv, (grp + 1u) * gv, lane, j), f, acc);
+        }
     }
 #else
     let acc = stream(0u, vecs_of_k(), lane, j);

@@ -103,7 +103,7 @@ pub struct GpuWeight {
     k: usize,
     row_words: usize,
     kind: WeightKind,
-    /// f16 in mma.wgsl's layout: rows of a multiple of 32 values, a multiple of 256 rows.
+    /// f16 in mma.wgsl's layout: rows of a multiple of 32 values, a multiple of 128 rows.
     mma: bool,
 }
 
@@ -580,14 +580,8 @@ impl Inner {
         out: &mut GpuBuf,
     ) -> Result<()> {
         let kp = 2 * w.row_words;
-        let (wr, wc) = std::env::var("MMA_GRID")
-            .ok()
-            .and_then(|v| {
-                let (a, b) = v.split_once('x')?;
-                Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
-            })
-            .unwrap_or((2, 2));
-        let (tr, tc) = (32 * wr, 64 * wc);
+        // mma.wgsl's tiles.
+        let (tr, tc) = (64, 128);
         let padded = rows.next_multiple_of(tr);
         let parts = self.buffer((padded * kp * 4) as u64)?;
         let scale = self.buffer((padded * 4) as u64)?;
@@ -638,7 +632,7 @@ impl Inner {
         self.dispatch(
             shader::MMA,
             "mma",
-            &[("COOP", 1), ("WR", wr as u32), ("WC", wc as u32)],
+            &[("COOP", 1)],
             &params(groups)?,
             &binds,
             u(groups)?,
@@ -913,7 +907,7 @@ impl Backend for Wgpu {
             _ => 8,
         };
         let padded = k.div_ceil(per_vec) * per_vec;
-        let rows = if mma { n.next_multiple_of(256) } else { n };
+        let rows = if mma { n.next_multiple_of(128) } else { n };
         fn pad<T: Copy + Default>(v: &[T], rows: usize, k: usize, padded: usize) -> Vec<T> {
             let mut out = vec![T::default(); rows * padded];
             for (r, row) in v.chunks_exact(k).enumerate() {

@@ -86,10 +86,7 @@ mod tests {
     fn the_cooperative_matrix_kernels_compile() {
         use wgpu::naga;
         for split in [0, 1] {
-            let src = expand(
-                super::MMA.1,
-                &[("SPLIT", split), ("COOP", 1), ("WR", 2), ("WC", 2)],
-            );
+            let src = expand(super::MMA.1, &[("SPLIT", split), ("COOP", 1)]);
             let module = naga::front::wgsl::parse_str(&src)
                 .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
             let info = naga::valid::Validator::new(
