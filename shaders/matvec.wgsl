@@ -1,9 +1,10 @@
 // out (rows, n) = x (rows, k) . w^T + bias for few rows (decode): R rows (a define, at most 4),
 // k a multiple of 4, w stored (n, k) with each row padded to a whole number of 16-byte vectors
 // (`row_vecs` of them). Defines: W_F32, W_F16 or W_BF16; SUBGROUPS. A workgroup is 8 warps of 32
-// lanes; each warp owns one output column and its lanes stream the weight row 16 bytes at a time
-// (coalesced, read once), two loads in flight per lane (four measured no faster). One column per
-// warp measured fastest on the H200 (more warps in flight beat x vectors shared by several
+// lanes; each warp owns one output column (SPLIT warps share one, each over a slice of k, where
+// columns are too few to keep the memory busy) and its lanes stream the weight row 16 bytes at a
+// time (coalesced, read once), two loads in flight per lane (four measured no faster). One column
+// per warp measured fastest on the H200 (more warps in flight beat x vectors shared by several
 // columns), up to 4 rows.
 //
 // Two variants make the decode pass three dispatches:
@@ -71,6 +72,8 @@ const XPW: u32 = 2u;
 #endif
 
 var<workgroup> red: array<vec4<f32>, WG>;
+// Each warp's share of its column, when SPLIT warps share one.
+var<workgroup> shares: array<vec4<f32>, WARPS>;
 #if GATED
 // Per (row, group): the RMSNorm factor.
 var<workgroup> scale: array<f32, FACTORS>;
@@ -128,6 +131,12 @@ fn wload(j: u32, i: u32) -> WVec {
         return WVec();
     }
     return w[j * p.row_vecs + i];
+}
+
+// Piece `piece` of SPLIT of the weight vectors start..end of column j.
+fn k_part(start: u32, end: u32, piece: u32, lane: u32, j: u32) -> vec4<f32> {
+    let len = end - start;
+    return stream(start + len * piece / SPLIT, start + len * (piece + 1u) / SPLIT, lane, j);
 }
 
 // The weight vectors that hold k.
@@ -253,14 +262,16 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
     let t = lid.x;
     let lane = t % LANES;
-    let j = g * WARPS + t / LANES;
+    // SPLIT warps share a column, each over its own slice of k.
+    let j = g * (WARPS / SPLIT) + t / LANES / SPLIT;
+    let piece = t / LANES % SPLIT;
 #if GATED
     // One group: the weights stream before the norm factors are summed, so that their loads do
     // not wait behind that chain.
     var acc = vec4<f32>(0.0);
     let one = p.ng == 1u;
     if (one) {
-        acc = stream(0u, vecs_of_k(), lane, j);
+        acc = k_part(0u, vecs_of_k(), piece, lane, j);
     }
     // Each (row, group)'s factor from its partial sums of squares (all 1 without a norm).
     for (var q = 0u; q < p.rows * p.ng; q++) {
@@ -298,14 +309,23 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         if (one) {
             acc *= f;
         } else {
-            acc = fma(stream(grp * gv, (grp + 1u) * gv, lane, j), f, acc);
+            acc = fma(k_part(grp * gv, (grp + 1u) * gv, piece, lane, j), f, acc);
         }
     }
 #else
-    let acc = stream(0u, vecs_of_k(), lane, j);
+    let acc = k_part(0u, vecs_of_k(), piece, lane, j);
 #endif
-    let sum = lane_sum(acc, t, width);
-    if (lane != 0u || j >= p.n) {
+    var sum = lane_sum(acc, t, width);
+    if (SPLIT > 1u) {
+        if (lane == 0u) {
+            shares[t / LANES] = sum;
+        }
+        workgroupBarrier();
+        for (var i = 1u; i < SPLIT; i++) {
+            sum += shares[t / LANES + i];
+        }
+    }
+    if (lane != 0u || piece != 0u || j >= p.n) {
         return;
     }
 #if CONV
