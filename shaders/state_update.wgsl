@@ -1,6 +1,7 @@
 // The decode recurrence: each request's tokens in order on its slot's ssm state. One workgroup per
-// (request, head, 8 rows p of the state); 32 lanes per row, each holding columns lane + 32 i
-// (d_state <= 256) in two vec4 registers. With record[i] >= 0 the state after each token goes to
+// (request, head, 8 RPW rows p of the state); 32 lanes per row, each holding columns lane + 32 i
+// (d_state <= 256) in two vec4 registers, RPW rows per warp (big batches: more loads in flight,
+// fewer workgroups, B and C loaded once for several rows). With record[i] >= 0 the state after each token goes to
 // the intermediates and the slot is kept.
 //
 // FUSED (the decode pass of matvec.wgsl's CONV and GATED variants): x, B and C come from the conv
@@ -52,12 +53,12 @@ struct Params {
 
 const WG: u32 = 256u;
 const LANES: u32 = 32u;
-// State rows (p) per workgroup: 32 lanes each.
-const ROWS: u32 = 8u;
+// State rows (p) per workgroup: 8 warps of 32 lanes, RPW rows each.
+const ROWS: u32 = 8u * RPW;
 
 var<workgroup> partial: array<f32, WG>;
 #if FUSED
-var<workgroup> squares: array<f32, ROWS>;
+var<workgroup> squares: array<f32, 8>;
 #endif
 
 fn xin(i: u32) -> f32 {
@@ -142,32 +143,32 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
     let t = lid.x;
     let lane = t % LANES;
+    let warp = t / LANES;
     let blocks = (p.hd + ROWS - 1u) / ROWS;
     let i = gid / (p.nh * blocks);
     let h = (gid / blocks) % p.nh;
-    let pi = (gid % blocks) * ROWS + t / LANES;
-    let live = pi < p.hd;
-    let pr = min(pi, p.hd - 1u);
+    // The warp's rows: p = first + 8 k, k < RPW.
+    let first = (gid % blocks) * ROWS + warp;
     let g = h / (p.nh / p.ng);
     let slot = info[p.reqs + 1u + i];
     let rec = info[2u * p.reqs + 1u + i];
     let sl = p.hd * p.ds;
-    let base = (h * p.hd + pr) * p.ds;
-    let row = u32(max(slot, 0)) * p.nh * sl + base;
     let wide = p.ds > 4u * LANES;
-    var lo = vec4<f32>(0.0);
-    var hi = vec4<f32>(0.0);
-    if (slot >= 0) {
-        lo = load4(1u, row, lane, 0u);
-        if (wide) {
-            hi = load4(1u, row, lane, 4u * LANES);
+    // Every row's state is loaded before any is used, so that the loads are in flight together.
+    var lo: array<vec4<f32>, RPW>;
+    var hi: array<vec4<f32>, RPW>;
+    for (var k = 0u; k < RPW; k++) {
+        let row = u32(max(slot, 0)) * p.nh * sl + (h * p.hd + min(first + 8u * k, p.hd - 1u)) * p.ds;
+        lo[k] = vec4<f32>(0.0);
+        hi[k] = vec4<f32>(0.0);
+        if (slot >= 0) {
+            lo[k] = load4(1u, row, lane, 0u);
+            if (wide) {
+                hi[k] = load4(1u, row, lane, 4u * LANES);
+            }
         }
     }
     let a = -exp(heads[p.nh + h]);
-    var dv = heads[2u * p.nh + h];
-    if (p.d_hdim != 0u) {
-        dv = heads[2u * p.nh + h * p.hd + pr];
-    }
     let r0 = u32(info[i]);
     let r1 = u32(info[i + 1u]);
     let boff = p.xo + p.nh * p.hd + g * p.ds;
@@ -175,65 +176,93 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     for (var r = r0; r < r1; r++) {
         let d = dt_of(zxbcdt[r * p.dip + p.dt_col + h], h);
         let decay = vec4<f32>(exp(d * a));
-        let x = xin(r * p.xs + p.xo + h * p.hd + pr);
-        let dx = vec4<f32>(d * x);
         let xr = r * p.xs;
-        lo = fma(decay, lo, dx * load4(0u, xr + boff, lane, 0u));
-        var acc = dot(lo, load4(0u, xr + coff, lane, 0u));
+        // B and C are the head's, shared by its rows.
+        let b_lo = load4(0u, xr + boff, lane, 0u);
+        let c_lo = load4(0u, xr + coff, lane, 0u);
+        var b_hi = vec4<f32>(0.0);
+        var c_hi = vec4<f32>(0.0);
         if (wide) {
-            hi = fma(decay, hi, dx * load4(0u, xr + boff, lane, 4u * LANES));
-            acc += dot(hi, load4(0u, xr + coff, lane, 4u * LANES));
+            b_hi = load4(0u, xr + boff, lane, 4u * LANES);
+            c_hi = load4(0u, xr + coff, lane, 4u * LANES);
         }
-        if (rec >= 0 && live) {
-            let at = (u32(rec) * p.stride + (r - r0)) * p.nh * sl + base;
-            store4(false, at, lane, 0u, lo);
-            if (wide) {
-                store4(false, at, lane, 4u * LANES, hi);
-            }
-        }
-        let total = lane_sum(acc, t, lane, width);
 #if FUSED
-        let yv = fma(dv, x, total);
-        let zv = zxbcdt[r * p.dip + h * p.hd + pr];
-        let gate = zv / (1.0 + exp(-zv));
-        var u = yv * gate;
         var sq = 0.0;
-        if (p.has_norm != 0u) {
-            var v = yv;
-            if (p.before == 0u) {
-                v = u;
+#endif
+        for (var k = 0u; k < RPW; k++) {
+            let pi = first + 8u * k;
+            let live = pi < p.hd;
+            let pr = min(pi, p.hd - 1u);
+            let x = xin(xr + p.xo + h * p.hd + pr);
+            let dx = vec4<f32>(d * x);
+            lo[k] = fma(decay, lo[k], dx * b_lo);
+            var acc = dot(lo[k], c_lo);
+            if (wide) {
+                hi[k] = fma(decay, hi[k], dx * b_hi);
+                acc += dot(hi[k], c_hi);
             }
-            u = v * norm_w[h * p.hd + pr];
-            if (p.before != 0u) {
-                u *= gate;
+            if (rec >= 0 && live) {
+                let at = (u32(rec) * p.stride + (r - r0)) * p.nh * sl + (h * p.hd + pr) * p.ds;
+                store4(false, at, lane, 0u, lo[k]);
+                if (wide) {
+                    store4(false, at, lane, 4u * LANES, hi[k]);
+                }
             }
-            sq = v * v;
-        }
-        if (lane == 0u) {
-            squares[t / LANES] = select(0.0, sq, live);
-            if (live) {
+            let total = lane_sum(acc, t, lane, width);
+            var dv = heads[2u * p.nh + h];
+            if (p.d_hdim != 0u) {
+                dv = heads[2u * p.nh + h * p.hd + pr];
+            }
+            let yv = fma(dv, x, total);
+#if FUSED
+            let zv = zxbcdt[r * p.dip + h * p.hd + pr];
+            let gate = zv / (1.0 + exp(-zv));
+            var u = yv * gate;
+            if (p.has_norm != 0u) {
+                var v = yv;
+                if (p.before == 0u) {
+                    v = u;
+                }
+                u = v * norm_w[h * p.hd + pr];
+                if (p.before != 0u) {
+                    u *= gate;
+                }
+                sq += select(0.0, v * v, live);
+            }
+            if (lane == 0u && live) {
                 y[r * p.nh * p.hd + h * p.hd + pr] = u;
             }
+#else
+            if (lane == 0u && live) {
+                y[r * p.nh * p.hd + h * p.hd + pr] = yv;
+            }
+#endif
+        }
+#if FUSED
+        if (lane == 0u) {
+            squares[warp] = sq;
         }
         workgroupBarrier();
         if (t == 0u) {
             var s = 0.0;
-            for (var k = 0u; k < ROWS; k++) {
-                s += squares[k];
+            for (var w = 0u; w < 8u; w++) {
+                s += squares[w];
             }
-            part[(r * p.nh + h) * blocks + pi / ROWS] = s;
+            part[(r * p.nh + h) * blocks + first / ROWS] = s;
         }
         workgroupBarrier();
-#else
-        if (lane == 0u && live) {
-            y[r * p.nh * p.hd + h * p.hd + pr] = fma(dv, x, total);
-        }
 #endif
     }
-    if (rec < 0 && slot >= 0 && live) {
-        store4(true, row, lane, 0u, lo);
-        if (wide) {
-            store4(true, row, lane, 4u * LANES, hi);
+    if (rec < 0 && slot >= 0) {
+        for (var k = 0u; k < RPW; k++) {
+            let pi = first + 8u * k;
+            if (pi < p.hd) {
+                let row = u32(slot) * p.nh * sl + (h * p.hd + pi) * p.ds;
+                store4(true, row, lane, 0u, lo[k]);
+                if (wide) {
+                    store4(true, row, lane, 4u * LANES, hi[k]);
+                }
+            }
         }
     }
 }
