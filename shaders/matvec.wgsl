@@ -25,7 +25,7 @@ struct Params {
     // CONV
     off: u32,
     cd: u32,
-    dc: u32,
+    _dc: u32,
     reqs: u32,
     stride: u32,
     has_cbias: u32,
@@ -199,45 +199,73 @@ fn lane_sum(v: vec4<f32>, t: u32, width: u32) -> vec4<f32> {
 }
 
 #if CONV
-// Channel c's conv over each request's tokens, whose in_proj values are v (one per row).
-fn conv_channel(j: u32, v: vec4<f32>) {
-    let c = j - p.off;
-    var bias_c = 0.0;
-    if (p.has_cbias != 0u) {
-        bias_c = conv_b[c];
+// What a conv channel's lane loads before streaming its weights, so that these loads do not
+// wait behind the stream: the bias, the kernel, and the first request's window (DC, the conv
+// width, is a define: constant loops keep the window in registers).
+struct ConvStart {
+    bias: f32,
+    w: array<f32, DC>,
+    win: array<f32, DC>,
+}
+
+fn window(c: u32, slot: i32) -> array<f32, DC> {
+    var win: array<f32, DC>;
+    let at = (u32(max(slot, 0)) * p.cd + c) * DC;
+    for (var t = 0u; t < DC; t++) {
+        win[t] = 0.0;
+        if (slot >= 0) {
+            win[t] = pool[at + t];
+        }
     }
+    return win;
+}
+
+fn conv_start(j: u32) -> ConvStart {
+    var s: ConvStart;
+    let c = j - p.off;
+    s.bias = 0.0;
+    if (p.has_cbias != 0u) {
+        s.bias = conv_b[c];
+    }
+    for (var t = 0u; t < DC; t++) {
+        s.w[t] = conv_w[c * DC + t];
+    }
+    s.win = window(c, info[p.reqs + 1u]);
+    return s;
+}
+
+// Channel c's conv over each request's tokens, whose in_proj values are v (one per row).
+fn conv_channel(j: u32, v: vec4<f32>, s: ConvStart) {
+    let c = j - p.off;
     for (var i = 0u; i < p.reqs; i++) {
         let slot = info[p.reqs + 1u + i];
         let rec = info[2u * p.reqs + 1u + i];
-        let at = (u32(max(slot, 0)) * p.cd + c) * p.dc;
-        // The window of the last dc inputs, oldest first.
-        var win: array<f32, 8>;
-        for (var t = 0u; t < p.dc; t++) {
-            win[t] = 0.0;
-            if (slot >= 0) {
-                win[t] = pool[at + t];
-            }
+        // The window of the last DC inputs, oldest first.
+        var win = s.win;
+        if (i > 0u) {
+            win = window(c, slot);
         }
         let r0 = u32(info[i]);
         let r1 = u32(info[i + 1u]);
         for (var r = r0; r < r1; r++) {
-            var acc = bias_c;
-            for (var t = 0u; t + 1u < p.dc; t++) {
+            var acc = s.bias;
+            for (var t = 0u; t + 1u < DC; t++) {
                 win[t] = win[t + 1u];
-                acc = fma(win[t], conv_w[c * p.dc + t], acc);
+                acc = fma(win[t], s.w[t], acc);
             }
-            win[p.dc - 1u] = v[r];
-            acc = fma(v[r], conv_w[c * p.dc + p.dc - 1u], acc);
+            win[DC - 1u] = v[r];
+            acc = fma(v[r], s.w[DC - 1u], acc);
             out[r * p.n + j] = acc / (1.0 + exp(-acc));
             if (rec >= 0) {
-                let o = ((u32(rec) * p.stride + (r - r0)) * p.cd + c) * p.dc;
-                for (var t = 0u; t < p.dc; t++) {
+                let o = ((u32(rec) * p.stride + (r - r0)) * p.cd + c) * DC;
+                for (var t = 0u; t < DC; t++) {
                     saved[o + t] = win[t];
                 }
             }
         }
         if (rec < 0 && slot >= 0) {
-            for (var t = 0u; t < p.dc; t++) {
+            let at = (u32(slot) * p.cd + c) * DC;
+            for (var t = 0u; t < DC; t++) {
                 pool[at + t] = win[t];
             }
         }
@@ -313,6 +341,13 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         }
     }
 #else
+#if CONV
+    let conv = lane == 0u && piece == 0u && j >= p.off && j < p.off + p.cd;
+    var start: ConvStart;
+    if (conv) {
+        start = conv_start(j);
+    }
+#endif
     let acc = k_part(0u, vecs_of_k(), piece, lane, j);
 #endif
     var sum = lane_sum(acc, t, width);
@@ -329,8 +364,8 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         return;
     }
 #if CONV
-    if (j >= p.off && j < p.off + p.cd) {
-        conv_channel(j, sum);
+    if (conv) {
+        conv_channel(j, sum, start);
         return;
     }
     let b = 0.0;

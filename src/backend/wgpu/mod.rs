@@ -699,7 +699,7 @@ impl Inner {
             0,
         ];
         let mut binds = vec![(1, x.raw()), (2, w.buf.raw()), (4, out.raw())];
-        let (mut conv, mut gated) = (0, 0);
+        let (mut conv, mut gated, mut dc) = (0, 0, 1);
         match fuse {
             Fuse::None => binds.push((3, self.opt(bias))),
             Fuse::Conv {
@@ -710,10 +710,11 @@ impl Inner {
             } => {
                 conv = 1;
                 let cfg = &p.cfg;
+                dc = u(cfg.d_conv)?;
                 params[6..12].copy_from_slice(&[
                     u(cfg.d_inner())?,
                     u(cfg.conv_dim())?,
-                    u(cfg.d_conv)?,
+                    0, // the conv width is the DC define
                     u(dec.requests())?,
                     u(dec.stride)?,
                     p.conv_bias.is_some() as u32,
@@ -749,6 +750,7 @@ impl Inner {
                 ("GATED", gated),
                 ("FACTORS", u(MAX_NORM_FACTORS)?),
                 ("SPLIT", u(split)?),
+                ("DC", dc),
             ],
             &params,
             &binds,
