@@ -107,6 +107,12 @@ fn rows_per_warp(requests: usize, nh: usize, hd: usize) -> usize {
     }
 }
 
+/// A bind group's pipeline (its address in the cache, which keeps it) and buffers by binding.
+type BindKey = (usize, Vec<(u32, wgpu::Buffer)>);
+
+/// Cached bind groups (and uniform buffers) before the caches start over.
+const CACHED: usize = 4096;
+
 /// A matmul weight `(n, k)`: f32, or two 16-bit values per u32 word (rows padded to even k).
 pub struct GpuWeight {
     buf: GpuBuf,
@@ -165,6 +171,12 @@ pub struct Inner {
     trusted: bool,
     limits: wgpu::Limits,
     pipelines: RefCell<HashMap<String, Rc<wgpu::ComputePipeline>>>,
+    /// Uniform buffers by content, bind groups by (pipeline, buffers), readback buffers by size:
+    /// the steps of a decode loop repeat the same ones, and creating them cost the host more than
+    /// recording the dispatches.
+    uniforms: RefCell<HashMap<Vec<u32>, wgpu::Buffer>>,
+    binds: RefCell<HashMap<BindKey, wgpu::BindGroup>>,
+    stages: Rc<RefCell<HashMap<u64, Vec<wgpu::Buffer>>>>,
     encoder: RefCell<Option<wgpu::CommandEncoder>>,
     /// The compute pass that dispatches go into; a copy, a clear or a submission ends it, so a
     /// step is few passes (the pass boundaries cost more than the barriers between dispatches).
@@ -281,6 +293,9 @@ impl Wgpu {
             queue,
             limits,
             pipelines: RefCell::new(HashMap::new()),
+            uniforms: RefCell::new(HashMap::new()),
+            binds: RefCell::new(HashMap::new()),
+            stages: Rc::new(RefCell::new(HashMap::new())),
             encoder: RefCell::new(None),
             pass: RefCell::new(None),
             pool,
@@ -438,26 +453,46 @@ impl Inner {
             return Ok(());
         }
         let pipeline = self.pipeline(shader, entry, defines);
+        if self.binds.borrow().len() >= CACHED {
+            // Bounded: shapes that change every step would otherwise grow these without end.
+            self.binds.borrow_mut().clear();
+            self.uniforms.borrow_mut().clear();
+        }
         let uniform = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("params"),
-                contents: bytemuck::cast_slice(params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: uniform.as_entire_binding(),
-        }];
-        entries.extend(bufs.iter().map(|&(binding, b)| wgpu::BindGroupEntry {
-            binding,
-            resource: b.as_entire_binding(),
-        }));
-        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
+            .uniforms
+            .borrow_mut()
+            .entry(params.to_vec())
+            .or_insert_with(|| {
+                self.device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("params"),
+                        contents: bytemuck::cast_slice(params),
+                        usage: wgpu::BufferUsages::UNIFORM,
+                    })
+            })
+            .clone();
+        let mut all = vec![(0, uniform)];
+        all.extend(bufs.iter().map(|&(binding, b)| (binding, b.clone())));
+        let key = (Rc::as_ptr(&pipeline) as usize, all);
+        let bind = self
+            .binds
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with_key(|(_, all)| {
+                let entries: Vec<_> = all
+                    .iter()
+                    .map(|(binding, b)| wgpu::BindGroupEntry {
+                        binding: *binding,
+                        resource: b.as_entire_binding(),
+                    })
+                    .collect();
+                self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &pipeline.get_bind_group_layout(0),
+                    entries: &entries,
+                })
+            })
+            .clone();
         let (x, y) = if groups <= MAX_GROUPS {
             (groups, 1)
         } else {
@@ -1033,11 +1068,14 @@ impl Backend for Wgpu {
                 ))));
             }
             let size = (len as u64 * 4).max(4);
-            let stage = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("readback"),
-                size,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
+            let reused = self.stages.borrow_mut().get_mut(&size).and_then(Vec::pop);
+            let stage = reused.unwrap_or_else(|| {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("readback"),
+                    size,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
             });
             if len > 0 {
                 self.with_encoder(|enc| {
@@ -1052,17 +1090,24 @@ impl Backend for Wgpu {
         let device = self.device.clone();
         let lost = self.lost.clone();
         let profile = self.profile.clone();
+        let stages = self.stages.clone();
         let period = self.queue.get_timestamp_period() as f64;
         Box::pin(async move {
             let mut out = Vec::with_capacity(staged.len());
-            for (stage, len) in &staged {
-                let words: Vec<f32> = map_read(
-                    stage,
+            for (stage, len) in staged {
+                let mut words: Vec<f32> = map_read(
+                    &stage,
                     #[cfg(not(target_arch = "wasm32"))]
                     &device,
                 )
                 .await?;
-                out.push(words[..*len].to_vec());
+                words.truncate(len);
+                out.push(words);
+                stages
+                    .borrow_mut()
+                    .entry(stage.size())
+                    .or_default()
+                    .push(stage);
             }
             if let Some((stage, entries)) = timed {
                 let ticks: Vec<u64> = map_read(
