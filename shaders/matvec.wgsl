@@ -1,6 +1,7 @@
 // out (rows, n) = x (rows, k) . w^T + bias for few rows (decode): R rows (a define, at most 4),
 // k a multiple of 4, w stored (n, k) with each row padded to a whole number of 16-byte vectors
-// (`row_vecs` of them). Defines: W_F32, W_F16 or W_BF16; SUBGROUPS. A workgroup is 8 warps of 32
+// (`row_vecs` of them). Defines: W_F32, W_F16 or W_BF16; SUBGROUPS; SPLIT; CONV (with the conv
+// width DC) or GATED (with FACTORS, the most (row, group) norm factors). A workgroup is 8 warps of 32
 // lanes; each warp owns one output column (SPLIT warps share one, each over a slice of k, where
 // columns are too few to keep the memory busy) and its lanes stream the weight row 16 bytes at a
 // time (coalesced, read once), two loads in flight per lane (four measured no faster). One column
@@ -12,8 +13,9 @@
 // lane, which runs the causal depthwise conv + bias + SiLU over each request's tokens, updates the
 // channel's conv state (or records it after every token) and stores the conv's output in place.
 // GATED (out_proj): x holds the gated, weighted values u of the decode update (state_update.wgsl,
-// FUSED), which also left a sum of squares per (row, head, 8 state rows); each group's partial dot
-// product is scaled by its RMSNorm factor 1 / sqrt(mean + eps), summed here from those partials.
+// FUSED), which also left a sum of squares per (row, head, block of state rows); each group's
+// partial dot product is scaled by its RMSNorm factor 1 / sqrt(mean + eps), summed here from those
+// partials.
 
 struct Params {
     rows: u32,
@@ -356,8 +358,10 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             shares[t / LANES] = sum;
         }
         workgroupBarrier();
-        for (var i = 1u; i < SPLIT; i++) {
-            sum += shares[t / LANES + i];
+        if (piece == 0u) {
+            for (var i = 1u; i < SPLIT; i++) {
+                sum += shares[t / LANES + i];
+            }
         }
     }
     if (lane != 0u || piece != 0u || j >= p.n) {

@@ -8,8 +8,8 @@
 // bits (cut by a mask, so no conversion rounding is involved) and lo = x s_r - hi: every product
 // hi.w + lo.w is exact and the sum is x.w s_r to about 2^-21 of the row's largest value, which
 // the epilogue divides out. The parameters are matmul.wgsl's, so its matmul_sum adds split-K
-// partials: k is the padded row length, `rows` the real rows (mma_split pads x to whole tiles
-// of 64 rows with zeros, one workgroup per row: `groups` is the padded count).
+// partials: k is the padded row length, `rows` the real rows (mma_split pads x with zero rows to
+// whole tiles of TR rows, one workgroup per row).
 
 struct Params {
     rows: u32,
@@ -28,6 +28,13 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+
+// Rows of a tile; x's parts are padded with zero rows to whole tiles.
+const TR: u32 = 64u;
+
+fn padded_rows() -> u32 {
+    return (p.rows + TR - 1u) / TR * TR;
+}
 #if SPLIT
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 // Pairs of f16: the hi rows, then the lo rows, each (padded rows, k).
@@ -75,7 +82,7 @@ fn mma_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         scale[r] = s;
     }
     let half = p.k / 2u;
-    let lo_at = p.groups * half;
+    let lo_at = padded_rows() * half;
     for (var i = t; i < half; i += 256u) {
         var v = vec2<f32>(0.0);
         let k = 2u * i;
@@ -107,9 +114,8 @@ alias Acc = coop_mat16x16<f32, C>;
 // no faster; the matrices loaded straight from memory instead of workgroup memory, 5.7 ms; k in
 // steps of 16 or 64, 1.85 and 2.10 ms.
 const WR: u32 = 2u;
-const WC: u32 = 2u;
+const WC: u32 = 2u;  // (TR = 32 WR)
 const THREADS: u32 = 32u * WR * WC;
-const TR: u32 = 32u * WR;
 const TC: u32 = 64u * WC;
 const KS: u32 = 32u;
 const LD: u32 = 40u;
@@ -182,8 +188,7 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let k_end = min(p.k, k_start + p.k_per);
     // Vectors per row; the lo rows follow all the padded hi rows.
     let kv = p.k / 4u;
-    let padded = (p.rows + TR - 1u) / TR * TR;
-    let lo = padded * kv;
+    let lo = padded_rows() * kv;
     var c00 = Acc();
     var c01 = Acc();
     var c02 = Acc();

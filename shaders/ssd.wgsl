@@ -1,12 +1,12 @@
-// The SSD chunked scan over packed sequences, in five kernels:
+// The SSD chunked scan over packed sequences, in five dispatches of three kernels:
 //   ssd_dt      per (chunk, head): dt = softplus(dt + dt_bias) clamped, the chunk's cumulative
 //               dA = cumsum(dt * A), each row's weight exp(dA_last - dA_r) dt_r in the chunk's own
 //               state, and the chunk's decay exp(dA_last);
 //   ssd_mm MODE_CB      per (chunk, group): CB = C B^T, a (Q x d_state)(d_state x Q) product;
 //   ssd_mm MODE_STATES  per (chunk, group): the chunk's own states of all the group's heads
 //               S[h, p, s] = sum_k exp(dA_last - dA_k) dt_k x_k[h, p] B_k[s];
-//   ssd_pass    per (sequence, head, p, s): the state entering each chunk, passed chunk to chunk from
-//               the slot's state; the final state back to the slot, snapshots on the way;
+//   ssd_pass    per (sequence, head, p, s): the state entering each chunk, passed chunk to chunk
+//               from the slot's state; the final state back to the slot, snapshots on the way;
 //   ssd_mm MODE_OUT     per (chunk, head):
 //               y_m = exp(dA_m) C_m . s_in + sum_{k<=m} CB[m,k] exp(dA_m - dA_k) dt_k x_k + D x_m.
 // The three products share one tiled kernel: 128x64 outputs per workgroup, 256 threads of 8x4.
@@ -42,7 +42,6 @@ struct Params {
 // (rows, nh): exp(dA_last - dA_r) dt_r, row r's weight in its chunk's own state; then (chunks, nh):
 // exp(dA_last), the decay over the whole chunk.
 @group(0) @binding(4) var<storage, read_write> decay: array<f32>;
-@group(0) @binding(6) var<storage, read> cu: array<i32>;
 @group(0) @binding(7) var<storage, read> slots: array<i32>;
 @group(0) @binding(8) var<storage, read> seq_chunks: array<i32>;
 @group(0) @binding(9) var<storage, read> chunk_rows: array<i32>;
@@ -57,21 +56,6 @@ struct Params {
 
 fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return (wid.x + wid.y * nwg.x) * 64u + lid.x;
-}
-
-// The chunk that owns row r: the last c with chunk_rows[c] <= r.
-fn chunk_of(r: u32) -> u32 {
-    var lo = 0u;
-    var hi = p.chunks;
-    while (hi - lo > 1u) {
-        let mid = (lo + hi) / 2u;
-        if (u32(chunk_rows[mid]) <= r) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    return lo;
 }
 
 fn b_at(r: u32, g: u32, s: u32) -> f32 {
@@ -184,7 +168,8 @@ fn ssd_pass(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
             let c = c0 + u;
             states[c * p.nh * sl + e] = st;
             let lo = u < 4u;
-            st = fma(select(dec1[u % 4u], dec0[u % 4u], lo), st, select(own1[u % 4u], own0[u % 4u], lo));
+            let own = select(own1[u % 4u], own0[u % 4u], lo);
+            st = fma(select(dec1[u % 4u], dec0[u % 4u], lo), st, own);
             for (var k = 0u; k < p.nsnaps; k++) {
                 if (u32(snaps[k * 4u + 2u]) == c) {
                     saved[u32(snaps[k * 4u + 3u]) * p.nh * sl + e] = st;

@@ -1,8 +1,8 @@
 // The decode recurrence: each request's tokens in order on its slot's ssm state. One workgroup per
-// (request, head, 8 RPW rows p of the state); 32 lanes per row, each holding columns lane + 32 i
+// (request, head, 8 x RPW rows p of the state); 32 lanes per row, each holding columns lane + 32 i
 // (d_state <= 256) in two vec4 registers, RPW rows per warp (big batches: more loads in flight,
-// fewer workgroups, B and C loaded once for several rows). With record[i] >= 0 the state after each token goes to
-// the intermediates and the slot is kept.
+// fewer workgroups, B and C loaded once for several rows). With record[i] >= 0 the state after
+// each token goes to the intermediates and the slot is kept.
 //
 // FUSED (the decode pass of matvec.wgsl's CONV and GATED variants): x, B and C come from the conv
 // output left in place in zxbcdt, and instead of y the kernel stores the gated, weighted u that
@@ -38,7 +38,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> zxbcdt: array<f32>;
 #if FUSED
 @group(0) @binding(4) var<storage, read> norm_w: array<f32>;
-// (rows, nh, blocks of 8 state rows)
+// (rows, nh, blocks of ROWS state rows)
 @group(0) @binding(5) var<storage, read_write> part: array<f32>;
 #else
 @group(0) @binding(2) var<storage, read> xbc: array<f32>;
@@ -53,12 +53,13 @@ struct Params {
 
 const WG: u32 = 256u;
 const LANES: u32 = 32u;
-// State rows (p) per workgroup: 8 warps of 32 lanes, RPW rows each.
-const ROWS: u32 = 8u * RPW;
+const WARPS: u32 = WG / LANES;
+// State rows (p) per workgroup: RPW per warp.
+const ROWS: u32 = WARPS * RPW;
 
 var<workgroup> partial: array<f32, WG>;
 #if FUSED
-var<workgroup> squares: array<f32, 8>;
+var<workgroup> squares: array<f32, WARPS>;
 #endif
 
 fn xin(i: u32) -> f32 {
@@ -147,7 +148,7 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let blocks = (p.hd + ROWS - 1u) / ROWS;
     let i = gid / (p.nh * blocks);
     let h = (gid / blocks) % p.nh;
-    // The warp's rows: p = first + 8 k, k < RPW.
+    // The warp's rows: p = first + WARPS k, k < RPW.
     let first = (gid % blocks) * ROWS + warp;
     let g = h / (p.nh / p.ng);
     let slot = info[p.reqs + 1u + i];
@@ -158,7 +159,8 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     var lo: array<vec4<f32>, RPW>;
     var hi: array<vec4<f32>, RPW>;
     for (var k = 0u; k < RPW; k++) {
-        let row = u32(max(slot, 0)) * p.nh * sl + (h * p.hd + min(first + 8u * k, p.hd - 1u)) * p.ds;
+        let pr = min(first + WARPS * k, p.hd - 1u);
+        let row = u32(max(slot, 0)) * p.nh * sl + (h * p.hd + pr) * p.ds;
         lo[k] = vec4<f32>(0.0);
         hi[k] = vec4<f32>(0.0);
         if (slot >= 0) {
@@ -169,6 +171,14 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         }
     }
     let a = -exp(heads[p.nh + h]);
+    // D of each of the warp's rows.
+    var dvs: array<f32, RPW>;
+    for (var k = 0u; k < RPW; k++) {
+        dvs[k] = heads[2u * p.nh + h];
+        if (p.d_hdim != 0u) {
+            dvs[k] = heads[2u * p.nh + h * p.hd + min(first + WARPS * k, p.hd - 1u)];
+        }
+    }
     let r0 = u32(info[i]);
     let r1 = u32(info[i + 1u]);
     let boff = p.xo + p.nh * p.hd + g * p.ds;
@@ -190,7 +200,7 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         var sq = 0.0;
 #endif
         for (var k = 0u; k < RPW; k++) {
-            let pi = first + 8u * k;
+            let pi = first + WARPS * k;
             let live = pi < p.hd;
             let pr = min(pi, p.hd - 1u);
             let x = xin(xr + p.xo + h * p.hd + pr);
@@ -209,11 +219,7 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
                 }
             }
             let total = lane_sum(acc, t, lane, width);
-            var dv = heads[2u * p.nh + h];
-            if (p.d_hdim != 0u) {
-                dv = heads[2u * p.nh + h * p.hd + pr];
-            }
-            let yv = fma(dv, x, total);
+            let yv = fma(dvs[k], x, total);
 #if FUSED
             let zv = zxbcdt[r * p.dip + h * p.hd + pr];
             let gate = zv / (1.0 + exp(-zv));
@@ -245,7 +251,7 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         workgroupBarrier();
         if (t == 0u) {
             var s = 0.0;
-            for (var w = 0u; w < 8u; w++) {
+            for (var w = 0u; w < WARPS; w++) {
                 s += squares[w];
             }
             part[(r * p.nh + h) * blocks + first / ROWS] = s;
@@ -255,7 +261,7 @@ fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
     if (rec < 0 && slot >= 0) {
         for (var k = 0u; k < RPW; k++) {
-            let pi = first + 8u * k;
+            let pi = first + WARPS * k;
             if (pi < p.hd) {
                 let row = u32(slot) * p.nh * sl + (h * p.hd + pi) * p.ds;
                 store4(true, row, lane, 0u, lo[k]);

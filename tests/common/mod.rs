@@ -20,7 +20,13 @@ fn open_wgpu(opts: WgpuOptions) -> &'static Wgpu {
 
 thread_local! {
     static WGPU: &'static Wgpu = open_wgpu(WgpuOptions::default());
-    static WGPU_BASIC: &'static Wgpu = open_wgpu(WgpuOptions { use_f16: false, use_subgroups: false, use_coop: false, trusted: false });
+    // The fallbacks, and every kernel with wgpu's runtime checks.
+    static WGPU_BASIC: &'static Wgpu = open_wgpu(WgpuOptions {
+        use_f16: false,
+        use_subgroups: false,
+        use_coop: false,
+        trusted: false,
+    });
 }
 
 /// This thread's wgpu device with every optional feature the adapter has (one per test thread,

@@ -107,6 +107,21 @@ fn rows_per_warp(requests: usize, nh: usize, hd: usize) -> usize {
     }
 }
 
+/// mma.wgsl's tiles (rows, columns) and k step: x is padded to whole tiles of rows, the weights
+/// to whole tiles of columns and steps of k.
+const MMA_ROWS: usize = 64;
+const MMA_COLS: usize = 128;
+const MMA_K: usize = 32;
+
+/// Split-K (splits, k per split) for tiled products whose tiles alone are too few workgroups to
+/// fill a big GPU (decode batches): about 512 workgroups, each over at least 256 of k, in whole
+/// steps of `step`.
+fn split_k(tiles: usize, k: usize, step: usize) -> (usize, usize) {
+    let splits = (512 / tiles.max(1)).clamp(1, (k / 256).max(1));
+    let k_per = k.div_ceil(splits).next_multiple_of(step).max(step);
+    (k.div_ceil(k_per).max(1), k_per)
+}
+
 /// A bind group's pipeline (its address in the cache, which keeps it) and buffers by binding.
 type BindKey = (usize, Vec<(u32, wgpu::Buffer)>);
 
@@ -411,8 +426,10 @@ impl Inner {
         };
         let module = if self.trusted {
             // SAFETY: every index of these kernels stays within the sizes that the host checked
-            // and passed them (the `wgpu-basic` test device runs them checked), and every loop
-            // ends; the checks cost the hot loops a clamp per index and a counter per loop.
+            // and passed them, and every loop ends; that rests on their construction (the checks
+            // would clamp, not report: the `wgpu-basic` test device runs the fallback variants
+            // checked, and every device's results are compared with the CPU's). The checks cost
+            // the hot loops a clamp per index and a counter per loop.
             unsafe {
                 self.device
                     .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
@@ -458,19 +475,20 @@ impl Inner {
             self.binds.borrow_mut().clear();
             self.uniforms.borrow_mut().clear();
         }
-        let uniform = self
-            .uniforms
-            .borrow_mut()
-            .entry(params.to_vec())
-            .or_insert_with(|| {
-                self.device
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some("params"),
-                        contents: bytemuck::cast_slice(params),
-                        usage: wgpu::BufferUsages::UNIFORM,
-                    })
-            })
-            .clone();
+        let cached = self.uniforms.borrow().get(params).cloned();
+        let uniform = cached.unwrap_or_else(|| {
+            let b = self
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("params"),
+                    contents: bytemuck::cast_slice(params),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                });
+            self.uniforms
+                .borrow_mut()
+                .insert(params.to_vec(), b.clone());
+            b
+        });
         let mut all = vec![(0, uniform)];
         all.extend(bufs.iter().map(|&(binding, b)| (binding, b.clone())));
         let key = (Rc::as_ptr(&pipeline) as usize, all);
@@ -625,17 +643,16 @@ impl Inner {
         rows: usize,
         out: &mut GpuBuf,
     ) -> Result<()> {
+        if rows == 0 || w.n == 0 {
+            return Ok(());
+        }
         let kp = 2 * w.row_words;
-        // mma.wgsl's tiles.
-        let (tr, tc) = (64, 128);
-        let padded = rows.next_multiple_of(tr);
+        let padded = rows.next_multiple_of(MMA_ROWS);
         let parts = self.buffer((padded * kp * 4) as u64)?;
         let scale = self.buffer((padded * 4) as u64)?;
-        let tiles_n = w.n.div_ceil(tc);
-        let tiles = padded / tr * tiles_n;
-        let splits = (512 / tiles).clamp(1, (kp / 256).max(1));
-        let k_per = kp.div_ceil(splits).next_multiple_of(32);
-        let splits = kp.div_ceil(k_per);
+        let tiles_n = w.n.div_ceil(MMA_COLS);
+        let tiles = padded / MMA_ROWS * tiles_n;
+        let (splits, k_per) = split_k(tiles, kp, MMA_K);
         let params = |groups: usize| -> Result<[u32; 12]> {
             Ok([
                 u(rows)?,
@@ -683,15 +700,29 @@ impl Inner {
             &binds,
             u(groups)?,
         )?;
-        let Some(scratch) = scratch else {
-            return Ok(());
-        };
+        match scratch {
+            Some(scratch) => self.sum_splits(&scratch, w, bias, rows, out, &params(groups)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Split-K partials (`splits` blocks of (rows, n) in `scratch`) summed into `out`, plus the
+    /// bias; `params` in matmul.wgsl's layout.
+    fn sum_splits(
+        &self,
+        scratch: &GpuBuf,
+        w: &GpuWeight,
+        bias: Option<&GpuBuf>,
+        rows: usize,
+        out: &mut GpuBuf,
+        params: &[u32],
+    ) -> Result<()> {
         let binds = [(1, scratch.raw()), (3, self.opt(bias)), (4, out.raw())];
         self.dispatch(
             shader::MATMUL,
             "matmul_sum",
             &[(w.kind.define(), 1)],
-            &params(groups)?,
+            params,
             &binds,
             u((rows * w.n).div_ceil(256))?,
         )
@@ -956,15 +987,15 @@ impl Backend for Wgpu {
             };
         let per_vec = match (&w.data, mma) {
             (Data::F32(_), _) => 4,
-            (_, true) => 32,
+            (_, true) => MMA_K,
             _ => 8,
         };
         let padded = k.div_ceil(per_vec) * per_vec;
-        let rows = if mma { n.next_multiple_of(128) } else { n };
+        let rows = if mma { n.next_multiple_of(MMA_COLS) } else { n };
         fn pad<T: Copy + Default>(v: &[T], rows: usize, k: usize, padded: usize) -> Vec<T> {
             let mut out = vec![T::default(); rows * padded];
-            for (r, row) in v.chunks_exact(k).enumerate() {
-                out[r * padded..r * padded + k].copy_from_slice(row);
+            for (r, row) in v.chunks_exact(k.max(1)).enumerate() {
+                out[r * padded..r * padded + row.len()].copy_from_slice(row);
             }
             out
         }
@@ -1103,11 +1134,16 @@ impl Backend for Wgpu {
                 .await?;
                 words.truncate(len);
                 out.push(words);
-                stages
-                    .borrow_mut()
-                    .entry(stage.size())
-                    .or_default()
-                    .push(stage);
+                // A few per size and few sizes: prefills of changing lengths would otherwise
+                // pile them up.
+                let mut stages = stages.borrow_mut();
+                if stages.len() > 64 {
+                    stages.clear();
+                }
+                let free = stages.entry(stage.size()).or_default();
+                if free.len() < 4 {
+                    free.push(stage);
+                }
             }
             if let Some((stage, entries)) = timed {
                 let ticks: Vec<u64> = map_read(
@@ -1197,15 +1233,11 @@ impl Backend for Wgpu {
         };
         let tiles_n = w.n.div_ceil(tile);
         let tiles = rows.div_ceil(tile) * tiles_n;
-        // Split-K where the 64x64 tiles alone are too few workgroups to fill a big GPU (decode
-        // batches): about 512 workgroups, each over at least 256 of k.
-        let splits = if entry == "matmul" {
-            (512 / tiles.max(1)).clamp(1, (w.k / 256).max(1))
+        let (splits, k_per) = if entry == "matmul" {
+            split_k(tiles, w.k, 16)
         } else {
-            1
+            (1, w.k.next_multiple_of(16))
         };
-        let k_per = w.k.div_ceil(splits).next_multiple_of(16);
-        let splits = w.k.div_ceil(k_per.max(1)).max(1);
         let groups = tiles * splits;
         let params = [
             u(rows)?,
@@ -1240,15 +1272,7 @@ impl Backend for Wgpu {
             (4, scratch.raw()),
         ];
         self.dispatch(shader::MATMUL, entry, &defines, &params, &binds, u(groups)?)?;
-        let binds = [(1, scratch.raw()), (3, self.opt(bias)), (4, out.raw())];
-        self.dispatch(
-            shader::MATMUL,
-            "matmul_sum",
-            &defines,
-            &params,
-            &binds,
-            u((rows * w.n).div_ceil(256))?,
-        )
+        self.sum_splits(&scratch, w, bias, rows, out, &params)
     }
 
     fn conv(
@@ -1416,12 +1440,11 @@ impl Backend for Wgpu {
             ])
         };
         let saved = snaps.map_or(self.dummy_rw.raw(), |b| b.raw());
-        let all: [(u32, &wgpu::Buffer); 16] = [
+        let all: [(u32, &wgpu::Buffer); 15] = [
             (1, zxbcdt.raw()),
             (2, xbc.raw()),
             (3, p.heads.raw()),
             (4, decay.raw()),
-            (6, pack.dev_cu.raw()),
             (7, pack.dev_slots.raw()),
             (8, pack.dev_seq_chunks.raw()),
             (9, pack.dev_chunk_rows.raw()),
