@@ -125,8 +125,8 @@ fn split_k(tiles: usize, k: usize, step: usize) -> (usize, usize) {
 /// A bind group's pipeline (its address in the cache, which keeps it) and buffers by binding.
 type BindKey = (usize, Vec<(u32, wgpu::Buffer)>);
 
-/// Cached bind groups (and uniform buffers) before the caches start over.
-const CACHED: usize = 4096;
+/// Bind groups (and uniform buffers) cached before the caches start over.
+const MAX_BIND_GROUPS: usize = 4096;
 
 /// A matmul weight `(n, k)`: f32, or two 16-bit values per u32 word (rows padded to even k).
 pub struct GpuWeight {
@@ -470,7 +470,7 @@ impl Inner {
             return Ok(());
         }
         let pipeline = self.pipeline(shader, entry, defines);
-        if self.binds.borrow().len() >= CACHED {
+        if self.binds.borrow().len() >= MAX_BIND_GROUPS {
             // Bounded: shapes that change every step would otherwise grow these without end.
             self.binds.borrow_mut().clear();
             self.uniforms.borrow_mut().clear();
