@@ -26,7 +26,9 @@ fn same(label: &str, got: &[f32], want: &[f32]) {
 
 /// A random small config whose sizes are not multiples of the kernels' tiles.
 fn random_config(r: &mut rand_chacha::ChaCha8Rng) -> MixerConfig {
-    let headdim = *[3usize, 8, 16, 24].choose(r).unwrap();
+    // Sizes past the kernels' tiles too: headdim 64 (a group's heads past 128 state rows), d_state
+    // 130 (past the decode update's 128 columns per lane set), chunks of 256 (past 128 rows).
+    let headdim = *[3usize, 8, 16, 24, 64].choose(r).unwrap();
     let ngroups = *[1usize, 2, 3].choose(r).unwrap();
     let heads_per_group = r.random_range(1..=3);
     let nheads = ngroups * heads_per_group;
@@ -36,9 +38,9 @@ fn random_config(r: &mut rand_chacha::ChaCha8Rng) -> MixerConfig {
         r#"{{"d_model": {d_inner}, "expand": 1, "headdim": {headdim}, "ngroups": {ngroups},
             "d_state": {}, "d_conv": {}, "chunk_size": {}, "D_has_hdim": {}, "bias": {},
             "conv_bias": {}, "rmsnorm": {}, "norm_before_gate": {}, "dt_limit": [{}, {}]}}"#,
-        [5usize, 16, 33, 70].choose(r).unwrap(),
+        [5usize, 16, 33, 70, 130].choose(r).unwrap(),
         r.random_range(1..=4),
-        [1usize, 4, 16, 64, 128].choose(r).unwrap(),
+        [1usize, 4, 16, 64, 128, 256].choose(r).unwrap(),
         r.random_bool(0.5),
         r.random_bool(0.5),
         r.random_bool(0.5),
@@ -50,18 +52,33 @@ fn random_config(r: &mut rand_chacha::ChaCha8Rng) -> MixerConfig {
     MixerConfig::from_json(&text).unwrap()
 }
 
+/// A layer past every kernel tile (trial 0): a group of three heads of 64 (192 state rows per
+/// chunk product), d_state 130 (past the decode update's 128 columns per set of lanes), chunks of
+/// 256 (past the scan's 128-row tiles).
+fn big_config() -> MixerConfig {
+    MixerConfig::from_json(
+        r#"{"d_model": 192, "expand": 1, "headdim": 64, "ngroups": 1, "d_state": 130,
+            "d_conv": 4, "chunk_size": 256, "rmsnorm": true}"#,
+    )
+    .unwrap()
+}
+
 /// cu_seqlens, the slot of each sequence, and the snapshots (sequence, position, entry).
 type Packing = (Vec<i32>, Vec<i32>, Vec<(usize, usize, usize)>);
 
 /// Random packed sequences (some empty, some padding) with snapshots at random positions.
-fn random_pack(r: &mut rand_chacha::ChaCha8Rng, slots: usize) -> Packing {
-    let n = r.random_range(1..=slots);
+fn random_pack(r: &mut rand_chacha::ChaCha8Rng, slots: usize, long: bool) -> Packing {
+    let n = r.random_range(1..=slots.min(4));
     let mut cu = vec![0i32];
     let mut ids: Vec<i32> = (0..slots as i32).collect();
     let mut seq_slots = vec![];
     let mut snaps = vec![];
     for s in 0..n {
-        let len = *[0usize, 1, 2, 3, 7, 40, 130].choose(r).unwrap();
+        let len = if long && s == 0 {
+            300
+        } else {
+            *[0usize, 1, 2, 3, 7, 40, 130, 300].choose(r).unwrap()
+        };
         cu.push(cu[s] + len as i32);
         let slot = if r.random_bool(0.2) {
             -1
@@ -79,7 +96,11 @@ fn random_pack(r: &mut rand_chacha::ChaCha8Rng, slots: usize) -> Packing {
 fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
     for trial in 0..trials {
         let mut r = rng(900 + trial);
-        let cfg = random_config(&mut r);
+        let cfg = if trial == 0 {
+            big_config()
+        } else {
+            random_config(&mut r)
+        };
         let label = format!("trial {trial} ({})", serde_json::to_string(&cfg).unwrap());
         let ty = *[FloatType::F32, FloatType::F16, FloatType::Bf16]
             .choose(&mut r)
@@ -141,9 +162,10 @@ fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
             );
         }
 
-        // conv and ssd_scan over a random packing, starting from random pools.
-        let slots = 4;
-        let (cu, seq_slots, snaps) = random_pack(&mut r, slots);
+        // conv and ssd_scan over a random packing, starting from random pools; trial 0 has slots
+        // enough for a decode batch that the update runs with several state rows per warp.
+        let slots = if trial == 0 { 64 } else { 4 };
+        let (cu, seq_slots, snaps) = random_pack(&mut r, slots, trial == 0);
         let rows = cu[cu.len() - 1] as usize;
         let zx = randn(&mut r, rows * dip, 1.0);
         let xbc_in = randn(&mut r, rows * cd, 1.0);
@@ -232,7 +254,11 @@ fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
 
         // conv_update and state_update: requests of 1..4 tokens, some recording intermediates.
         let stride = 4;
-        let n = r.random_range(1..=slots);
+        let n = if trial == 0 {
+            slots
+        } else {
+            r.random_range(1..=slots)
+        };
         let mut dcu = vec![0i32];
         let mut dslots = vec![];
         let mut record = vec![];

@@ -97,10 +97,11 @@ impl Drop for GpuBuf {
 }
 
 /// State rows per warp of the decode update: one where the (request, head, 8 rows) workgroups
-/// are few (batch 1: more rows per warp measured slower), two for big batches (2.7b layer,
-/// batch 64: 188 us with one, 134 with two, 155 with four, 183 with eight).
+/// are few (2.7b batch 1, 640 of them: more rows per warp measured slower), two for batches
+/// (2.7b batch 64: 188 us with one, 134 with two, 155 with four, 183 with eight; batch 16 of
+/// 1+3 tokens: 110 with one, 91 with two).
 fn rows_per_warp(requests: usize, nh: usize, hd: usize) -> usize {
-    if requests * nh * hd.div_ceil(8) > 8192 {
+    if requests * nh * hd.div_ceil(8) > 1024 {
         2
     } else {
         1
