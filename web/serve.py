@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,15 +66,31 @@ def chromium() -> str:
     sys.exit("no chromium on PATH (apt-get install chromium)")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Stops the browser and every process it started (its process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+    proc.wait()
+
+
 def check(port: int, paths: list[str], timeout: float) -> int:
     failed = 0
     for path in paths:
         url = f"http://127.0.0.1:{port}/index.html?autorun&report&path={path}"
-        with tempfile.TemporaryDirectory() as profile:
+        # Chromium's helper processes can outlive the browser and keep writing to the profile:
+        # they share its process group, which is stopped as a whole, and cleanup tolerates stragglers.
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
             log = open(os.path.join(profile, "chromium.log"), "w+")
             proc = subprocess.Popen(
                 [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}/ud", url],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
             t0 = time.time()
             try:
@@ -81,12 +98,7 @@ def check(port: int, paths: list[str], timeout: float) -> int:
             except queue.Empty:
                 r = {"error": f"no result within {timeout:.0f} s"}
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop(proc)
             errs = [r.get(k) for k in ("rel_l2_output", "rel_l2_conv_state", "rel_l2_ssm_state")]
             ok = "error" not in r and all(isinstance(e, (int, float)) and e <= TOL for e in errs)
             verdict = "PASS" if ok else "FAIL"
