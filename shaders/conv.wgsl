@@ -1,6 +1,7 @@
 // The causal depthwise conv + SiLU over packed sequences (conv_seq), the states it leaves
 // (conv_snap: at snapshot positions; conv_final: at each sequence's end, into its slot), and the
-// decode update over one or more tokens per request (conv_update).
+// decode update over one or more tokens per request (conv_update; PARTS: it also sums in_proj's
+// split-K partials, so decode batches need no summing pass of their own).
 
 struct Params {
     rows: u32,      // rows of this pass
@@ -13,8 +14,9 @@ struct Params {
     count: u32,     // threads that do work
     nsnaps: u32,
     stride: u32,    // intermediate entries per record index
-    _pad0: u32,
-    _pad1: u32,
+    // PARTS: in_proj's split-K partials summed here (blocks of (rows, dip)), plus its bias.
+    splits: u32,
+    has_in_bias: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -28,6 +30,9 @@ struct Params {
 // (seq, pos, chunk, dest) per snapshot; for conv_update: cu (n + 1) | slots (n) | record (n).
 @group(0) @binding(8) var<storage, read> info: array<i32>;
 @group(0) @binding(9) var<storage, read_write> saved: array<f32>;
+#if PARTS
+@group(0) @binding(10) var<storage, read> in_bias: array<f32>;
+#endif
 
 const MAX_DC: u32 = 8u;
 
@@ -167,6 +172,24 @@ fn col(w: Window, j: u32) -> f32 {
     return w.hi[j - 4u];
 }
 
+// in_proj's output at (row r, column c): read, or (PARTS) summed from its split-K partials.
+fn in_proj_at(r: u32, c: u32) -> f32 {
+#if PARTS
+    var v = 0.0;
+    if (p.has_in_bias != 0u) {
+        v = in_bias[c];
+    }
+    for (var s = 0u; s < p.splits; s++) {
+        v += zxbcdt[(s * p.rows + r) * p.dip + c];
+    }
+    return v;
+#else
+    return zxbcdt[r * p.dip + c];
+#endif
+}
+
+// A thread per (request, conv channel); PARTS: per (request, in_proj column), those outside xBC
+// only summed, and the output is zxbcdt whole (rows, dip) with xBC convolved in place.
 @compute @workgroup_size(64, 1, 1)
 fn conv_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -174,8 +197,27 @@ fn conv_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (id >= p.count) {
         return;
     }
+#if PARTS
+    let i = id / p.dip;
+    let oc = id % p.dip;
+    let r0 = u32(info[i]);
+    let r1 = u32(info[i + 1u]);
+    if (oc < p.off || oc >= p.off + p.cd) {
+        for (var r = r0; r < r1; r++) {
+            xbc[r * p.dip + oc] = in_proj_at(r, oc);
+        }
+        return;
+    }
+    let c = oc - p.off;
+    let width = p.dip;
+#else
     let i = id / p.cd;
     let c = id % p.cd;
+    let r0 = u32(info[i]);
+    let r1 = u32(info[i + 1u]);
+    let oc = c;
+    let width = p.cd;
+#endif
     let slot = info[p.seqs + 1u + i];
     let rec = info[2u * p.seqs + 1u + i];
     let at = (u32(max(slot, 0)) * p.cd + c) * p.dc;
@@ -189,12 +231,10 @@ fn conv_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         win = push(win, v);
         wt = push(wt, weight[c * p.dc + j]);
     }
-    let r0 = u32(info[i]);
-    let r1 = u32(info[i + 1u]);
     for (var r = r0; r < r1; r++) {
-        win = push(win, zxbcdt[r * p.dip + p.off + c]);
+        win = push(win, in_proj_at(r, p.off + c));
         let acc = dot(win.lo, wt.lo) + dot(win.hi, wt.hi) + bias_of(c);
-        xbc[r * p.cd + c] = silu(acc);
+        xbc[r * width + oc] = silu(acc);
         if (rec >= 0) {
             let o = ((u32(rec) * p.stride + (r - r0)) * p.cd + c) * p.dc;
             for (var j = 0u; j < p.dc; j++) {

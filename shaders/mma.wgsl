@@ -9,7 +9,8 @@
 // hi.w + lo.w is exact and the sum is x.w s_r to about 2^-21 of the row's largest value, which
 // the epilogue divides out. The parameters are matmul.wgsl's, so its matmul_sum adds split-K
 // partials: k is the padded row length, `rows` the real rows (mma_split pads x with zero rows to
-// whole tiles of TR rows, one workgroup per row).
+// whole tiles of TR rows, one workgroup per row). mma_split's GATE variant splits out_proj's
+// input computed on the way, the gate and group RMSNorm of the scan's output (no pass of its own).
 
 struct Params {
     rows: u32,
@@ -23,8 +24,13 @@ struct Params {
     splits: u32,
     // x's own row length (k unpadded).
     x_k: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // GATE: zxbcdt's row width, groups, norm_before_gate, has_norm, eps.
+    dip: u32,
+    ng: u32,
+    before: u32,
+    has_norm: u32,
+    eps: f32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -40,6 +46,10 @@ fn padded_rows() -> u32 {
 // Pairs of f16: the hi rows, then the lo rows, each (padded rows, k).
 @group(0) @binding(2) var<storage, read_write> parts: array<u32>;
 @group(0) @binding(3) var<storage, read_write> scale: array<f32>;
+#if GATE
+@group(0) @binding(4) var<storage, read> zxbcdt: array<f32>;
+@group(0) @binding(5) var<storage, read> norm_w: array<f32>;
+#endif
 #else
 @group(0) @binding(1) var<storage, read> parts: array<vec4<f16>>;
 @group(0) @binding(2) var<storage, read> w: array<vec4<f16>>;
@@ -51,6 +61,58 @@ fn padded_rows() -> u32 {
 #if SPLIT
 var<workgroup> peak: array<f32, 256>;
 
+// The 256 threads' maximum (op 0) or sum (op 1) of v, in every thread.
+fn reduce(v: f32, t: u32, op: u32) -> f32 {
+    workgroupBarrier();
+    peak[t] = v;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off /= 2u) {
+        if (t < off) {
+            if (op == 0u) {
+                peak[t] = max(peak[t], peak[t + off]);
+            } else {
+                peak[t] += peak[t + off];
+            }
+        }
+        workgroupBarrier();
+    }
+    return peak[0];
+}
+
+#if GATE
+// GATE: x is the scan's y, and the row split is gated_norm.wgsl's output, computed here:
+// norm_before_gate = 0: rmsnorm_g(y silu(z)) w;  1: rmsnorm_g(y) w silu(z);  no norm: y silu(z).
+var<workgroup> inv: array<f32, 256>;
+
+fn silu(v: f32) -> f32 {
+    return v / (1.0 + exp(-v));
+}
+
+// The value that the norm sees.
+fn normed(r: u32, k: u32) -> f32 {
+    let v = x[r * p.x_k + k];
+    if (p.before == 0u || p.has_norm == 0u) {
+        return v * silu(zxbcdt[r * p.dip + k]);
+    }
+    return v;
+}
+
+fn value(r: u32, k: u32) -> f32 {
+    var v = normed(r, k);
+    if (p.has_norm != 0u) {
+        v *= inv[k / (p.x_k / p.ng)] * norm_w[k];
+        if (p.before != 0u) {
+            v *= silu(zxbcdt[r * p.dip + k]);
+        }
+    }
+    return v;
+}
+#else
+fn value(r: u32, k: u32) -> f32 {
+    return x[r * p.x_k + k];
+}
+#endif
+
 // One workgroup per padded row.
 @compute @workgroup_size(256, 1, 1)
 fn mma_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -61,22 +123,35 @@ fn mma_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     }
     let t = lid.x;
     let live = r < p.rows;
-    var m = 0.0;
-    if (live) {
-        for (var k = t; k < p.x_k; k += 256u) {
-            m = max(m, abs(x[r * p.x_k + k]));
-        }
-    }
-    peak[t] = m;
-    workgroupBarrier();
-    for (var off = 128u; off > 0u; off /= 2u) {
-        if (t < off) {
-            peak[t] = max(peak[t], peak[t + off]);
+#if GATE
+    // The group factors 1 / rms first (uniform loop: p.ng <= 256, checked by the host).
+    if (p.has_norm != 0u) {
+        let gs = p.x_k / p.ng;
+        for (var g = 0u; g < p.ng; g++) {
+            var acc = 0.0;
+            if (live) {
+                for (var k = g * gs + t; k < (g + 1u) * gs; k += 256u) {
+                    let v = normed(r, k);
+                    acc = fma(v, v, acc);
+                }
+            }
+            let total = reduce(acc, t, 1u);
+            if (t == 0u) {
+                inv[g] = inverseSqrt(total / f32(gs) + p.eps);
+            }
         }
         workgroupBarrier();
     }
+#endif
+    var m = 0.0;
+    if (live) {
+        for (var k = t; k < p.x_k; k += 256u) {
+            m = max(m, abs(value(r, k)));
+        }
+    }
+    let top = reduce(m, t, 0u);
     // 2^(141 - e) for a peak in [2^(e-127), 2^(e-126)): the scaled peak stays below 2^15.
-    let e = (bitcast<u32>(peak[0]) >> 23u) & 0xffu;
+    let e = (bitcast<u32>(top) >> 23u) & 0xffu;
     let s = bitcast<f32>(u32(clamp(268 - i32(e), 1, 254)) << 23u);
     if (t == 0u) {
         scale[r] = s;
@@ -87,10 +162,10 @@ fn mma_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         var v = vec2<f32>(0.0);
         let k = 2u * i;
         if (live && k < p.x_k) {
-            v.x = x[r * p.x_k + k];
+            v.x = value(r, k);
         }
         if (live && k + 1u < p.x_k) {
-            v.y = x[r * p.x_k + k + 1u];
+            v.y = value(r, k + 1u);
         }
         v *= s;
         // 11 significant bits: exact in f16 for the scaled range (below 2^15; values under

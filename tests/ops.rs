@@ -288,7 +288,7 @@ fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
             xbc_in: &[f32],
             pools: (&[f32], &[f32]),
             rows: usize,
-        ) -> Run {
+        ) -> (Run, Vec<f32>) {
             let cfg = &p.cfg;
             let (cd, di) = (cfg.conv_dim(), cfg.d_inner());
             let (cl, sl) = (cfg.conv_state_len(), cfg.ssm_state_len());
@@ -327,19 +327,25 @@ fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
             .unwrap();
             let mut gated = b.zeros(rows * di).unwrap();
             b.gated_norm(p, &zxb, &y, rows, &mut gated).unwrap();
+            // Gate, norm and out_proj as the backend runs them (which may fuse them).
+            let out = b.gate_out(p, &zxb, &y, rows).unwrap();
             (
-                read(b, &xbc, rows * cd),
-                read(b, &pool.conv, slots * cl),
-                read(b, &inter.conv, entries * cl),
-                read(b, &y, rows * di),
-                read(b, &pool.ssm, slots * sl),
-                read(b, &gated, rows * di),
+                (
+                    read(b, &xbc, rows * cd),
+                    read(b, &pool.conv, slots * cl),
+                    read(b, &inter.conv, entries * cl),
+                    read(b, &y, rows * di),
+                    read(b, &pool.ssm, slots * sl),
+                    read(b, &gated, rows * di),
+                ),
+                read(b, &out, rows * cfg.d_model),
             )
         }
         let cdec = decode_batch(c, dcu.clone(), dslots.clone(), record.clone(), stride).unwrap();
         let gdec = decode_batch(g, dcu.clone(), dslots.clone(), record.clone(), stride).unwrap();
-        let want = decode_ops(c, cp, &cdec, &dzx, &dxbc, (&pool_conv, &pool_ssm), drows);
-        let got = decode_ops(g, gp, &gdec, &dzx, &dxbc, (&pool_conv, &pool_ssm), drows);
+        let (want, want_out) =
+            decode_ops(c, cp, &cdec, &dzx, &dxbc, (&pool_conv, &pool_ssm), drows);
+        let (got, got_out) = decode_ops(g, gp, &gdec, &dzx, &dxbc, (&pool_conv, &pool_ssm), drows);
         let l = format!("{label} decode cu {dcu:?} slots {dslots:?} record {record:?}");
         same(&format!("{l}: conv_update out"), &got.0, &want.0);
         same(&format!("{l}: conv_update pool"), &got.1, &want.1);
@@ -347,6 +353,7 @@ fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
         same(&format!("{l}: state_update y"), &got.3, &want.3);
         same(&format!("{l}: state_update pool"), &got.4, &want.4);
         same(&format!("{l}: gated_norm"), &got.5, &want.5);
+        same(&format!("{l}: gate_out"), &got_out, &want_out);
     }
 }
 

@@ -216,6 +216,19 @@ pub trait Backend: Sized {
         decode_ops(self, p, hidden, dec, pool, inter)
     }
 
+    /// Gate, norm and out_proj, the tail of both passes: `(rows, d_model)` from in_proj's
+    /// `zxbcdt` and the scan's `y`. The default runs gated_norm, then matmul; a backend may fuse
+    /// them.
+    fn gate_out(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &Self::Buf,
+        y: &Self::Buf,
+        rows: usize,
+    ) -> Result<Self::Buf> {
+        gate_out_ops(self, p, zxbcdt, y, rows)
+    }
+
     /// Starts timing on the device, every kernel (`per_kernel`) or every step (all that is recorded
     /// between two readbacks, as one entry "step"); false when the backend cannot.
     fn profile_start(&self, _per_kernel: bool) -> Result<bool> {
@@ -256,7 +269,7 @@ pub fn decode_ops<B: Backend>(
     b.conv_update(p, &zxbcdt, dec, &mut pool.conv, inter_conv, &mut xbc)?;
     let mut y = b.alloc(rows * cfg.d_inner())?;
     b.state_update(p, &zxbcdt, &xbc, dec, &mut pool.ssm, inter_ssm, &mut y)?;
-    gate_out(b, p, &zxbcdt, &y, rows)
+    b.gate_out(p, &zxbcdt, &y, rows)
 }
 
 /// The conv and ssm halves of an optional pair of state buffers.
@@ -280,8 +293,8 @@ pub fn in_proj<B: Backend>(b: &B, p: &Params<B>, hidden: &B::Buf, rows: usize) -
     Ok(zxbcdt)
 }
 
-/// Gate, norm and out_proj: the tail of both passes, `(rows, d_model)`.
-pub fn gate_out<B: Backend>(
+/// Gate, norm and out_proj op by op (`Backend::gate_out`'s default).
+pub fn gate_out_ops<B: Backend>(
     b: &B,
     p: &Params<B>,
     zxbcdt: &B::Buf,

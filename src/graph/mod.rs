@@ -9,7 +9,7 @@ mod paths;
 pub use engine::{Engine, EngineConfig, Request, RequestOutput, SnapshotId, Work};
 pub use paths::{check_cu_seqlens, forward, Input, InputFile, Output, Path};
 
-use crate::backend::{gate_out, in_proj, split, Backend, Decode, Pack, Snap, States};
+use crate::backend::{in_proj, split, Backend, Decode, Pack, Snap, States};
 use crate::error::Result;
 use crate::model::Mixer;
 
@@ -102,7 +102,7 @@ pub fn prefill<B: Backend>(
     b.conv(p, &zxbcdt, pack, &mut pool.conv, snap_conv, &mut xbc)?;
     let mut y = b.alloc(rows * cfg.d_inner())?;
     b.ssd_scan(p, &zxbcdt, &xbc, pack, &mut pool.ssm, snap_ssm, &mut y)?;
-    gate_out(b, p, &zxbcdt, &y, rows)
+    b.gate_out(p, &zxbcdt, &y, rows)
 }
 
 /// One decode pass: each request's tokens through the recurrence; returns `(rows, d_model)`.

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use half::f16;
 use wgpu::util::DeviceExt;
 
-use super::{decode_ops, split, Backend, Decode, Pack, Params, States};
+use super::{decode_ops, gate_out_ops, split, Backend, Decode, Pack, Params, States};
 use crate::config::MAX_D_CONV;
 use crate::error::{Error, Result};
 use crate::tensors::{Data, HostTensor};
@@ -638,7 +638,7 @@ impl Inner {
     /// workgroups to fill a big GPU.
     fn mma(
         &self,
-        x: &GpuBuf,
+        src: MmaSrc,
         w: &GpuWeight,
         bias: Option<&GpuBuf>,
         rows: usize,
@@ -647,45 +647,100 @@ impl Inner {
         if rows == 0 || w.n == 0 {
             return Ok(());
         }
-        let kp = 2 * w.row_words;
+        if let Some((scratch, params)) = self.mma_run(src, w, bias, rows, Some(&mut *out))? {
+            self.sum_splits(&scratch, w, bias, rows, out, &params)?;
+        }
+        Ok(())
+    }
+
+    /// mma.wgsl's split of `rows` rows of `k` values (from `src`) into f16 parts, rows padded to
+    /// whole tiles and to `kp` values: (parts, per-row scales).
+    fn mma_split(&self, src: MmaSrc, k: usize, kp: usize, rows: usize) -> Result<(GpuBuf, GpuBuf)> {
         let padded = rows.next_multiple_of(MMA_ROWS);
         let parts = self.buffer((padded * kp * 4) as u64)?;
         let scale = self.buffer((padded * 4) as u64)?;
-        let tiles_n = w.n.div_ceil(MMA_COLS);
-        let tiles = padded / MMA_ROWS * tiles_n;
-        let (splits, k_per) = split_k(tiles, kp, MMA_K);
-        let params = |groups: usize| -> Result<[u32; 12]> {
-            Ok([
-                u(rows)?,
-                u(w.n)?,
-                u(kp)?,
-                u(w.row_words)?,
-                bias.is_some() as u32,
-                u(tiles_n)?,
-                u(groups)?,
-                u(k_per)?,
-                u(splits)?,
-                u(w.k)?,
-                0,
-                0,
-            ])
+        let mut params = [0u32; 16];
+        params[..3].copy_from_slice(&[u(rows)?, 0, u(kp)?]);
+        params[6] = u(padded)?;
+        params[9] = u(k)?;
+        let mut binds = vec![(2, parts.raw()), (3, scale.raw())];
+        let gate = match src {
+            MmaSrc::Plain(x) => {
+                binds.push((1, x.raw()));
+                0
+            }
+            MmaSrc::Gated { p, zxbcdt, y } => {
+                let cfg = &p.cfg;
+                params[10..15].copy_from_slice(&[
+                    u(cfg.d_in_proj())?,
+                    u(cfg.ngroups)?,
+                    cfg.norm_before_gate as u32,
+                    p.norm_weight.is_some() as u32,
+                    (cfg.norm_eps as f32).to_bits(),
+                ]);
+                binds.extend([
+                    (1, y.raw()),
+                    (4, zxbcdt.raw()),
+                    (5, self.opt(p.norm_weight.as_ref())),
+                ]);
+                1
+            }
         };
-        let split_binds = [(1, x.raw()), (2, parts.raw()), (3, scale.raw())];
         self.dispatch(
             shader::MMA,
             "mma_split",
-            &[("SPLIT", 1)],
-            &params(padded)?,
-            &split_binds,
+            &[("SPLIT", 1), ("GATE", gate)],
+            &params,
+            &binds,
             u(padded)?,
         )?;
+        Ok((parts, scale))
+    }
+
+    /// The split of x and the products: into `out` when k is not split, else into partials,
+    /// returned with matmul_sum's parameters (always, `out` being None: `splits` blocks of
+    /// (rows, n), without the bias).
+    fn mma_run(
+        &self,
+        src: MmaSrc,
+        w: &GpuWeight,
+        bias: Option<&GpuBuf>,
+        rows: usize,
+        out: Option<&mut GpuBuf>,
+    ) -> Result<Option<(GpuBuf, [u32; 16])>> {
+        let kp = 2 * w.row_words;
+        let padded = rows.next_multiple_of(MMA_ROWS);
+        let (parts, scale) = self.mma_split(src, w.k, kp, rows)?;
+        let tiles_n = w.n.div_ceil(MMA_COLS);
+        let tiles = padded / MMA_ROWS * tiles_n;
+        let (splits, k_per) = split_k(tiles, kp, MMA_K);
+        let bias = bias.filter(|_| out.is_some());
         let groups = tiles * splits;
-        let scratch = if splits > 1 {
-            Some(self.buffer((splits * rows * w.n * 4) as u64)?)
-        } else {
-            None
+        let params = [
+            u(rows)?,
+            u(w.n)?,
+            u(kp)?,
+            u(w.row_words)?,
+            bias.is_some() as u32,
+            u(tiles_n)?,
+            u(groups)?,
+            u(k_per)?,
+            u(splits)?,
+            u(w.k)?,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        let scratch = match (&out, splits) {
+            (Some(_), 1) => None,
+            _ => Some(self.buffer((splits * rows * w.n * 4) as u64)?),
         };
-        let target = scratch.as_ref().map_or(out.raw(), |b| b.raw());
+        let Some(target) = scratch.as_ref().or(out.as_deref()).map(GpuBuf::raw) else {
+            return Err(err("mma: no output"));
+        };
         let binds = [
             (1, parts.raw()),
             (2, w.buf.raw()),
@@ -697,14 +752,11 @@ impl Inner {
             shader::MMA,
             "mma",
             &[("COOP", 1)],
-            &params(groups)?,
+            &params,
             &binds,
             u(groups)?,
         )?;
-        match scratch {
-            Some(scratch) => self.sum_splits(&scratch, w, bias, rows, out, &params(groups)?),
-            None => Ok(()),
-        }
+        Ok(scratch.map(|b| (b, params)))
     }
 
     /// Split-K partials (`splits` blocks of (rows, n) in `scratch`) summed into `out`, plus the
@@ -833,7 +885,7 @@ impl Inner {
         &self,
         p: &Params<Wgpu>,
         zxbcdt: &GpuBuf,
-        xbc: Option<&GpuBuf>,
+        xbc: XSrc,
         dec: &Decode<Wgpu>,
         pool: &mut GpuBuf,
         inter: Option<&mut GpuBuf>,
@@ -851,8 +903,8 @@ impl Inner {
         let groups = dec.requests() * nh * hd.div_ceil(8 * rpw);
         let lim = dt_limits(cfg);
         let (xs, xo) = match xbc {
-            Some(_) => (cfg.conv_dim(), 0),
-            None => (cfg.d_in_proj(), cfg.d_inner()),
+            XSrc::Conv(_) => (cfg.conv_dim(), 0),
+            XSrc::InPlace => (cfg.d_in_proj(), cfg.d_inner()),
         };
         let params = [
             u(nh)?,
@@ -887,11 +939,12 @@ impl Inner {
         ];
         let fused = part.is_some();
         match (xbc, part) {
-            (Some(xbc), None) => binds.push((2, xbc.raw())),
-            (None, Some(part)) => {
+            (XSrc::Conv(xbc), None) => binds.push((2, xbc.raw())),
+            (XSrc::InPlace, None) => binds.push((2, zxbcdt.raw())),
+            (XSrc::InPlace, Some(part)) => {
                 binds.extend([(4, self.opt(p.norm_weight.as_ref())), (5, part.raw())])
             }
-            _ => return Err(err("update: either xbc or the fused outputs")),
+            (XSrc::Conv(_), Some(_)) => return Err(err("update: the fused pass reads zxbcdt")),
         }
         self.dispatch(
             shader::STATE_UPDATE,
@@ -907,9 +960,192 @@ impl Inner {
         )
     }
 
+    /// matmul.wgsl's tiled products: into `out` when k is not split, else into partials, returned
+    /// with matmul_sum's parameters (always, `out` being None: `splits` blocks of (rows, n),
+    /// without the bias).
+    fn tiled_run(
+        &self,
+        x: &GpuBuf,
+        w: &GpuWeight,
+        bias: Option<&GpuBuf>,
+        rows: usize,
+        out: Option<&mut GpuBuf>,
+    ) -> Result<Option<(GpuBuf, [u32; 12])>> {
+        let define = w.kind.define();
+        // 128x128 tiles where there are rows enough to fill them; 64x64 below (decode batches).
+        let (entry, tile) = if rows > 64 {
+            ("matmul_wide", 128)
+        } else {
+            ("matmul", 64)
+        };
+        let tiles_n = w.n.div_ceil(tile);
+        let tiles = rows.div_ceil(tile) * tiles_n;
+        let (splits, k_per) = if entry == "matmul" {
+            split_k(tiles, w.k, 16)
+        } else {
+            (1, w.k.next_multiple_of(16))
+        };
+        let bias = bias.filter(|_| out.is_some());
+        let groups = tiles * splits;
+        let params = [
+            u(rows)?,
+            u(w.n)?,
+            u(w.k)?,
+            u(w.row_words)?,
+            bias.is_some() as u32,
+            u(tiles_n)?,
+            u(groups)?,
+            u(k_per)?,
+            u(splits)?,
+            0,
+            0,
+            0,
+        ];
+        let native = (w.kind == WeightKind::F16 && self.f16) as u32;
+        let defines = [(define, 1), ("F16_NATIVE", native)];
+        let scratch = match (&out, splits) {
+            (Some(_), 1) => None,
+            _ => Some(self.buffer((splits * rows * w.n * 4) as u64)?),
+        };
+        let Some(target) = scratch.as_ref().or(out.as_deref()).map(GpuBuf::raw) else {
+            return Err(err("matmul: no output"));
+        };
+        let binds = [
+            (1, x.raw()),
+            (2, w.buf.raw()),
+            (3, self.opt(bias)),
+            (4, target),
+        ];
+        self.dispatch(shader::MATMUL, entry, &defines, &params, &binds, u(groups)?)?;
+        Ok(scratch.map(|b| (b, params)))
+    }
+
+    /// The conv update of a decode pass (conv.wgsl's conv_update) from in_proj's output, or with
+    /// `splits > 0` from its split-K partials: then `out` receives all of zxbcdt, summed, with
+    /// the xBC columns convolved in place.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_step(
+        &self,
+        p: &Params<Wgpu>,
+        src: &GpuBuf,
+        splits: usize,
+        dec: &Decode<Wgpu>,
+        pool: &mut GpuBuf,
+        inter: Option<&mut GpuBuf>,
+        out: &mut GpuBuf,
+    ) -> Result<()> {
+        let cfg = &p.cfg;
+        let (cd, dip) = (cfg.conv_dim(), cfg.d_in_proj());
+        let n = dec.requests() * if splits > 0 { dip } else { cd };
+        let params = [
+            u(dec.rows())?,
+            u(cd)?,
+            u(cfg.d_conv)?,
+            u(dip)?,
+            u(cfg.d_inner())?,
+            u(dec.requests())?,
+            p.conv_bias.is_some() as u32,
+            u(n)?,
+            0,
+            u(dec.stride)?,
+            u(splits)?,
+            p.in_proj_bias.is_some() as u32,
+        ];
+        let saved = inter.map_or(self.dummy_rw.raw(), |b| b.raw());
+        let mut binds = vec![
+            (1, src.raw()),
+            (2, p.conv_weight.raw()),
+            (3, self.opt(p.conv_bias.as_ref())),
+            (6, pool.raw()),
+            (7, out.raw()),
+            (8, dec.dev.raw()),
+            (9, saved),
+        ];
+        if splits > 0 {
+            binds.push((10, self.opt(p.in_proj_bias.as_ref())));
+        }
+        self.dispatch(
+            shader::CONV,
+            "conv_update",
+            &[("PARTS", (splits > 0) as u32)],
+            &params,
+            &binds,
+            groups_for(n)?,
+        )
+    }
+
     fn opt<'a>(&'a self, b: Option<&'a GpuBuf>) -> &'a wgpu::Buffer {
         b.map_or(self.dummy.raw(), GpuBuf::raw)
     }
+}
+
+/// A decode pass of more rows than the fused one takes: in_proj's (split-K) partials summed by
+/// the conv update (which leaves zxbcdt whole, xBC convolved in place), the update reading x, B
+/// and C there, then the gate and norm (on tensor cores: in out_proj's split) and out_proj.
+fn decode_rows(
+    b: &Wgpu,
+    p: &Params<Wgpu>,
+    hidden: &GpuBuf,
+    dec: &Decode<Wgpu>,
+    pool: &mut States<Wgpu>,
+    inter: Option<&mut States<Wgpu>>,
+) -> Result<GpuBuf> {
+    let cfg = &p.cfg;
+    let rows = dec.rows();
+    let (inter_conv, inter_ssm) = split(inter);
+    let w = &p.in_proj;
+    let run = if w.mma {
+        let src = MmaSrc::Plain(hidden);
+        b.mma_run(src, w, None, rows, None)?
+            .map(|(buf, q)| (buf, q[8]))
+    } else {
+        b.tiled_run(hidden, w, None, rows, None)?
+            .map(|(buf, q)| (buf, q[8]))
+    };
+    let Some((partials, splits)) = run else {
+        return Err(err("decode: in_proj's partials are missing"));
+    };
+    let splits = splits as usize;
+    let mut zxbcdt = b.alloc(rows * cfg.d_in_proj())?;
+    b.conv_step(
+        p,
+        &partials,
+        splits,
+        dec,
+        &mut pool.conv,
+        inter_conv,
+        &mut zxbcdt,
+    )?;
+    let mut y = b.alloc(rows * cfg.d_inner())?;
+    b.update(
+        p,
+        &zxbcdt,
+        XSrc::InPlace,
+        dec,
+        &mut pool.ssm,
+        inter_ssm,
+        &mut y,
+        None,
+    )?;
+    b.gate_out(p, &zxbcdt, &y, rows)
+}
+
+/// Where the decode update reads x, B and C: the conv's output `(rows, conv_dim)`, or in place
+/// in zxbcdt `(rows, d_in_proj)` (convolved there).
+enum XSrc<'a> {
+    Conv(&'a GpuBuf),
+    InPlace,
+}
+
+/// The rows that mma.wgsl's split makes f16 parts of: x itself, or (GATE) the gate and the
+/// group RMSNorm of the scan's y with z of zxbcdt (gated_norm.wgsl's output, not stored).
+enum MmaSrc<'a> {
+    Plain(&'a GpuBuf),
+    Gated {
+        p: &'a Params<Wgpu>,
+        zxbcdt: &'a GpuBuf,
+        y: &'a GpuBuf,
+    },
 }
 
 /// What a matrix-vector product fuses (see shaders/matvec.wgsl).
@@ -1223,57 +1459,12 @@ impl Backend for Wgpu {
             return self.matvec(x, w, bias, rows, out, Fuse::None);
         }
         if w.mma {
-            return self.mma(x, w, bias, rows, out);
+            return self.mma(MmaSrc::Plain(x), w, bias, rows, out);
         }
-        let define = w.kind.define();
-        // 128x128 tiles where there are rows enough to fill them; 64x64 below (decode batches).
-        let (entry, tile) = if rows > 64 {
-            ("matmul_wide", 128)
-        } else {
-            ("matmul", 64)
-        };
-        let tiles_n = w.n.div_ceil(tile);
-        let tiles = rows.div_ceil(tile) * tiles_n;
-        let (splits, k_per) = if entry == "matmul" {
-            split_k(tiles, w.k, 16)
-        } else {
-            (1, w.k.next_multiple_of(16))
-        };
-        let groups = tiles * splits;
-        let params = [
-            u(rows)?,
-            u(w.n)?,
-            u(w.k)?,
-            u(w.row_words)?,
-            bias.is_some() as u32,
-            u(tiles_n)?,
-            u(groups)?,
-            u(k_per)?,
-            u(splits)?,
-            0,
-            0,
-            0,
-        ];
-        let native = (w.kind == WeightKind::F16 && self.f16) as u32;
-        let defines = [(define, 1), ("F16_NATIVE", native)];
-        if splits == 1 {
-            let binds = [
-                (1, x.raw()),
-                (2, w.buf.raw()),
-                (3, self.opt(bias)),
-                (4, out.raw()),
-            ];
-            return self.dispatch(shader::MATMUL, entry, &defines, &params, &binds, u(groups)?);
+        if let Some((scratch, params)) = self.tiled_run(x, w, bias, rows, Some(&mut *out))? {
+            self.sum_splits(&scratch, w, bias, rows, out, &params)?;
         }
-        let scratch = self.alloc(splits * rows * w.n)?;
-        let binds = [
-            (1, x.raw()),
-            (2, w.buf.raw()),
-            (3, self.opt(bias)),
-            (4, scratch.raw()),
-        ];
-        self.dispatch(shader::MATMUL, entry, &defines, &params, &binds, u(groups)?)?;
-        self.sum_splits(&scratch, w, bias, rows, out, &params)
+        Ok(())
     }
 
     fn conv(
@@ -1357,40 +1548,7 @@ impl Backend for Wgpu {
         inter: Option<&mut GpuBuf>,
         xbc: &mut GpuBuf,
     ) -> Result<()> {
-        let cfg = &p.cfg;
-        let cd = cfg.conv_dim();
-        let n = dec.requests() * cd;
-        let params = [
-            u(dec.rows())?,
-            u(cd)?,
-            u(cfg.d_conv)?,
-            u(cfg.d_in_proj())?,
-            u(cfg.d_inner())?,
-            u(dec.requests())?,
-            p.conv_bias.is_some() as u32,
-            u(n)?,
-            0,
-            u(dec.stride)?,
-            0,
-            0,
-        ];
-        let saved = inter.map_or(self.dummy_rw.raw(), |b| b.raw());
-        self.dispatch(
-            shader::CONV,
-            "conv_update",
-            &[],
-            &params,
-            &[
-                (1, zxbcdt.raw()),
-                (2, p.conv_weight.raw()),
-                (3, self.opt(p.conv_bias.as_ref())),
-                (6, pool.raw()),
-                (7, xbc.raw()),
-                (8, dec.dev.raw()),
-                (9, saved),
-            ],
-            groups_for(n)?,
-        )
+        self.conv_step(p, zxbcdt, 0, dec, pool, inter, xbc)
     }
 
     fn ssd_scan(
@@ -1515,7 +1673,7 @@ impl Backend for Wgpu {
         inter: Option<&mut GpuBuf>,
         y: &mut GpuBuf,
     ) -> Result<()> {
-        self.update(p, zxbcdt, Some(xbc), dec, pool, inter, y, None)
+        self.update(p, zxbcdt, XSrc::Conv(xbc), dec, pool, inter, y, None)
     }
 
     /// Three dispatches where the shapes allow: in_proj with the conv update in its epilogue,
@@ -1542,6 +1700,9 @@ impl Backend for Wgpu {
             && gs.is_multiple_of(per_vec)
             && rows * cfg.ngroups <= MAX_NORM_FACTORS;
         if !fusable {
+            if rows > MATVEC_ROWS {
+                return decode_rows(self, p, hidden, dec, pool, inter);
+            }
             return decode_ops(self, p, hidden, dec, pool, inter);
         }
         let (inter_conv, inter_ssm) = split(inter);
@@ -1560,7 +1721,7 @@ impl Backend for Wgpu {
         self.update(
             p,
             &zxbcdt,
-            None,
+            XSrc::InPlace,
             dec,
             &mut pool.ssm,
             inter_ssm,
@@ -1588,6 +1749,25 @@ impl Backend for Wgpu {
             &mut out,
             fuse,
         )?;
+        Ok(out)
+    }
+
+    /// On tensor cores, the gate and the norm are computed by the split of out_proj's rows.
+    fn gate_out(
+        &self,
+        p: &Params<Self>,
+        zxbcdt: &GpuBuf,
+        y: &GpuBuf,
+        rows: usize,
+    ) -> Result<GpuBuf> {
+        let w = &p.out_proj;
+        // mma_split keeps the group factors in 256 slots of workgroup memory.
+        if !w.mma || rows <= MATVEC_ROWS || p.cfg.ngroups > 256 {
+            return gate_out_ops(self, p, zxbcdt, y, rows);
+        }
+        let mut out = self.alloc(rows * p.cfg.d_model)?;
+        let src = MmaSrc::Gated { p, zxbcdt, y };
+        self.mma(src, w, p.out_proj_bias.as_ref(), rows, &mut out)?;
         Ok(out)
     }
 
@@ -1667,4 +1847,125 @@ type Readback = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Ve
 
 fn futures_ready(r: Result<Vec<Vec<f32>>>) -> Readback {
     Box::pin(std::future::ready(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MixerConfig;
+    use crate::model::Mixer;
+    use crate::weights::Weights;
+
+    /// A deterministic spread of values in [-1, 1).
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0)
+            .collect()
+    }
+
+    /// mma.wgsl's split (which needs no tensor cores: it runs on lavapipe) against a float64
+    /// reference: hi + lo over the row scale gives each value to 2^-20 of its row's largest,
+    /// plain rows of mixed magnitudes and the gate and norm of every kind; zeros in the padding.
+    #[test]
+    fn the_split_into_f16_parts_keeps_f32_accuracy() {
+        let b = pollster::block_on(Wgpu::new(WgpuOptions::default()))
+            .expect("this test needs a GPU adapter (tools/test.sh installs Mesa's lavapipe)");
+        let rows = 5;
+        for (ng, before, norm) in [(1, false, true), (4, true, true), (2, false, false)] {
+            // d_inner 144: rows padded from 144 values to 160.
+            let mut cfg = MixerConfig::new(72);
+            cfg.headdim = 18;
+            cfg.ngroups = ng;
+            cfg.norm_before_gate = before;
+            cfg.rmsnorm = norm;
+            cfg.validate().unwrap();
+            let mut m = Mixer::new(b.clone(), &cfg, &Weights::init(&cfg, 1).unwrap()).unwrap();
+            let (di, dip) = (cfg.d_inner(), cfg.d_in_proj());
+            let nw: Vec<f32> = values(di, 3).iter().map(|v| 1.0 + v).collect();
+            if let Some(w) = m.params.norm_weight.as_mut() {
+                b.write(w, 0, &nw).unwrap();
+            }
+            // Rows of magnitudes 1e-3 .. 1e3.
+            let y: Vec<f32> = values(rows * di, 1)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v * 10f32.powi((i / di) as i32 * 3 / 2 - 3))
+                .collect();
+            let z = values(rows * dip, 2);
+            let (yb, zb) = (b.upload(&y).unwrap(), b.upload(&z).unwrap());
+            let silu = |v: f64| v / (1.0 + (-v).exp());
+            let gs = di / ng;
+            let mut gated = vec![0f64; rows * di];
+            for r in 0..rows {
+                for g in 0..ng {
+                    let at = |i: usize| (r * di + g * gs + i, r * dip + g * gs + i);
+                    let seen = |i: usize| {
+                        let (yi, zi) = at(i);
+                        let v = y[yi] as f64;
+                        if before && norm {
+                            v
+                        } else {
+                            v * silu(z[zi] as f64)
+                        }
+                    };
+                    let ms = (0..gs).map(|i| seen(i).powi(2)).sum::<f64>() / gs as f64;
+                    let inv = 1.0 / (ms + cfg.norm_eps).sqrt();
+                    for i in 0..gs {
+                        let (yi, zi) = at(i);
+                        gated[yi] = match (norm, before) {
+                            (false, _) => seen(i),
+                            (true, false) => seen(i) * inv * nw[g * gs + i] as f64,
+                            (true, true) => {
+                                seen(i) * inv * nw[g * gs + i] as f64 * silu(z[zi] as f64)
+                            }
+                        };
+                    }
+                }
+            }
+            let plain = y.iter().map(|&v| v as f64).collect();
+            let src = [
+                (
+                    MmaSrc::Gated {
+                        p: &m.params,
+                        zxbcdt: &zb,
+                        y: &yb,
+                    },
+                    gated,
+                ),
+                (MmaSrc::Plain(&yb), plain),
+            ];
+            for (i, (src, want)) in src.into_iter().enumerate() {
+                let kp = di.next_multiple_of(32);
+                let (parts, scale) = b.mma_split(src, di, kp, rows).unwrap();
+                let padded = rows.next_multiple_of(MMA_ROWS);
+                let got =
+                    pollster::block_on(b.read(&[(&parts, 0, padded * kp), (&scale, 0, padded)]))
+                        .unwrap();
+                let half = |word: usize, c: usize| {
+                    let bits = got[0][word].to_bits() >> (16 * (c % 2));
+                    f16::from_bits(bits as u16).to_f64()
+                };
+                for r in 0..padded {
+                    let peak = (0..di)
+                        .filter(|_| r < rows)
+                        .map(|c| want[r * di + c].abs())
+                        .fold(0.0, f64::max);
+                    for c in 0..kp {
+                        let (hi, lo) = (r * kp / 2 + c / 2, (padded + r) * kp / 2 + c / 2);
+                        let v = (half(hi, c) + half(lo, c)) / got[1][r] as f64;
+                        let w = if r < rows && c < di {
+                            want[r * di + c]
+                        } else {
+                            0.0
+                        };
+                        let label = format!("ng {ng} before {before} norm {norm} src {i}");
+                        assert!(
+                            (v - w).abs() <= peak * 2f64.powi(-20),
+                            "{label}: row {r} column {c}: {v} against {w} (row peak {peak})"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
