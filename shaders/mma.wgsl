@@ -10,6 +10,7 @@
 // the epilogue divides out. The parameters are matmul.wgsl's, so its matmul_sum adds split-K
 // partials: k is the padded row length, `rows` the real rows (mma_split pads x with zero rows to
 // whole tiles of TR rows, one workgroup per row). mma_split's GATE variant splits out_proj's
+// input computed on the way, the gate and group RMSNorm of the scan's output (no pass of its own). mma_split's GATE variant splits out_proj's
 // input computed on the way, the gate and group RMSNorm of the scan's output (no pass of its own).
 
 struct Params {
@@ -177,11 +178,81 @@ fn mma_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 }
 #else
 
+// 16x16 fragments: the hardware's own (NVIDIA), or (F8) each made of 2x2 8x8 matrices where the
+// adapter offers only those (Apple's simdgroup matrices, Mesa's lavapipe).
+#if F8
+alias M8A = coop_mat8x8<f16, A>;
+alias M8B = coop_mat8x8<f16, B>;
+alias M8C = coop_mat8x8<f32, C>;
+struct FragA {
+    m00: M8A,
+    m01: M8A,
+    m10: M8A,
+    m11: M8A,
+}
+struct FragB {
+    m00: M8B,
+    m01: M8B,
+    m10: M8B,
+    m11: M8B,
+}
+struct Acc {
+    m00: M8C,
+    m01: M8C,
+    m10: M8C,
+    m11: M8C,
+}
+
+// 16 rows by 16 of k of x's block (xa: row-major, k contiguous) from element `at`.
+fn load_a(at: u32) -> FragA {
+    return FragA(coopLoadT<M8A>(&xa[at], LD), coopLoadT<M8A>(&xa[at + 8u], LD),
+                 coopLoadT<M8A>(&xa[at + 8u * LD], LD), coopLoadT<M8A>(&xa[at + 8u * LD + 8u], LD));
+}
+
+// 16 of k by 16 columns of the weights (wb: column j is weight row j, its k contiguous).
+fn load_b(at: u32) -> FragB {
+    return FragB(coopLoad<M8B>(&wb[at], LD), coopLoad<M8B>(&wb[at + 8u * LD], LD),
+                 coopLoad<M8B>(&wb[at + 8u], LD), coopLoad<M8B>(&wb[at + 8u * LD + 8u], LD));
+}
+
+fn madd(a: FragA, b: FragB, c: Acc) -> Acc {
+    return Acc(coopMultiplyAdd(a.m01, b.m10, coopMultiplyAdd(a.m00, b.m00, c.m00)),
+               coopMultiplyAdd(a.m01, b.m11, coopMultiplyAdd(a.m00, b.m01, c.m01)),
+               coopMultiplyAdd(a.m11, b.m10, coopMultiplyAdd(a.m10, b.m00, c.m10)),
+               coopMultiplyAdd(a.m11, b.m11, coopMultiplyAdd(a.m10, b.m01, c.m11)));
+}
+
+// Row-major, 16 to a row, into `staged` from element `at`.
+fn store_c(c: Acc, at: u32) {
+    coopStoreT(c.m00, &staged[at], 16u);
+    coopStoreT(c.m01, &staged[at + 8u], 16u);
+    coopStoreT(c.m10, &staged[at + 128u], 16u);
+    coopStoreT(c.m11, &staged[at + 136u], 16u);
+}
+#else
 alias FragA = coop_mat16x16<f16, A>;
 alias FragB = coop_mat16x16<f16, B>;
 alias Acc = coop_mat16x16<f32, C>;
 
-// A workgroup is WR x WC subgroups of 32 lanes, each 32 rows x 64 columns (2x4 matrices): tiles
+fn load_a(at: u32) -> FragA {
+    return coopLoadT<FragA>(&xa[at], LD);
+}
+
+fn load_b(at: u32) -> FragB {
+    return coopLoad<FragB>(&wb[at], LD);
+}
+
+fn madd(a: FragA, b: FragB, c: Acc) -> Acc {
+    return coopMultiplyAdd(a, b, c);
+}
+
+fn store_c(c: Acc, at: u32) {
+    coopStoreT(c, &staged[at], 16u);
+}
+#endif
+
+// A workgroup is WR x WC subgroups of SG lanes (32 on NVIDIA), each 32 rows x 64 columns (2x4
+// matrices of 16x16): tiles
 // of TR x TC outputs, k in steps of 32 through workgroup memory (x's hi rows, then its lo rows,
 // and the weight rows, each padded from 32 values to 40 against bank conflicts). Measured on the
 // H200 (prefill 1x2048 of the 2.7b layer): 2x2 subgroups 1.86 ms of products; 4x2 2.24 and 2x4
@@ -190,7 +261,7 @@ alias Acc = coop_mat16x16<f32, C>;
 // steps of 16 or 64, 1.85 and 2.10 ms.
 const WR: u32 = 2u;
 const WC: u32 = 2u;  // (TR = 32 WR)
-const THREADS: u32 = 32u * WR * WC;
+const THREADS: u32 = SG * WR * WC;
 const TC: u32 = 64u * WC;
 const KS: u32 = 32u;
 const LD: u32 = 40u;
@@ -202,13 +273,13 @@ var<workgroup> wb: array<f16, TC * LD>;
 // Per subgroup, one accumulator at a time on its way out.
 var<workgroup> staged: array<f32, 256u * WR * WC>;
 
-// One accumulator (rows r0.., columns j0..) out through workgroup memory: the lane's 8 of its
-// 256 values, divided by the row scale, plus the bias when not split.
+// One accumulator (rows r0.., columns j0..) out through workgroup memory: the lane's 256 / SG of
+// its 256 values, divided by the row scale, plus the bias when not split.
 fn emit(c: Acc, sg: u32, lane: u32, r0: u32, j0: u32, at: u32) {
-    coopStoreT(c, &staged[sg * 256u], 16u);
+    store_c(c, sg * 256u);
     workgroupBarrier();
-    for (var m = 0u; m < 8u; m++) {
-        let e = lane + m * 32u;
+    for (var m = 0u; m < 256u / SG; m++) {
+        let e = lane + m * SG;
         let r = r0 + e / 16u;
         let j = j0 + e % 16u;
         if (r < p.rows && j < p.n) {
@@ -286,31 +357,30 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         }
         workgroupBarrier();
         for (var ks = 0u; ks < KS; ks += 16u) {
-            let h0 = coopLoadT<FragA>(&xa[sa * LD + ks], LD);
-            let h1 = coopLoadT<FragA>(&xa[(sa + 16u) * LD + ks], LD);
-            let l0 = coopLoadT<FragA>(&xa[(TR + sa) * LD + ks], LD);
-            let l1 = coopLoadT<FragA>(&xa[(TR + sa + 16u) * LD + ks], LD);
-            // Column-major k x n: column j is weight row j, its k contiguous.
-            let b0 = coopLoad<FragB>(&wb[sb * LD + ks], LD);
-            let b1 = coopLoad<FragB>(&wb[(sb + 16u) * LD + ks], LD);
-            let b2 = coopLoad<FragB>(&wb[(sb + 32u) * LD + ks], LD);
-            let b3 = coopLoad<FragB>(&wb[(sb + 48u) * LD + ks], LD);
-            c00 = coopMultiplyAdd(h0, b0, c00);
-            c01 = coopMultiplyAdd(h0, b1, c01);
-            c02 = coopMultiplyAdd(h0, b2, c02);
-            c03 = coopMultiplyAdd(h0, b3, c03);
-            c10 = coopMultiplyAdd(h1, b0, c10);
-            c11 = coopMultiplyAdd(h1, b1, c11);
-            c12 = coopMultiplyAdd(h1, b2, c12);
-            c13 = coopMultiplyAdd(h1, b3, c13);
-            c00 = coopMultiplyAdd(l0, b0, c00);
-            c01 = coopMultiplyAdd(l0, b1, c01);
-            c02 = coopMultiplyAdd(l0, b2, c02);
-            c03 = coopMultiplyAdd(l0, b3, c03);
-            c10 = coopMultiplyAdd(l1, b0, c10);
-            c11 = coopMultiplyAdd(l1, b1, c11);
-            c12 = coopMultiplyAdd(l1, b2, c12);
-            c13 = coopMultiplyAdd(l1, b3, c13);
+            let h0 = load_a(sa * LD + ks);
+            let h1 = load_a((sa + 16u) * LD + ks);
+            let l0 = load_a((TR + sa) * LD + ks);
+            let l1 = load_a((TR + sa + 16u) * LD + ks);
+            let b0 = load_b(sb * LD + ks);
+            let b1 = load_b((sb + 16u) * LD + ks);
+            let b2 = load_b((sb + 32u) * LD + ks);
+            let b3 = load_b((sb + 48u) * LD + ks);
+            c00 = madd(h0, b0, c00);
+            c01 = madd(h0, b1, c01);
+            c02 = madd(h0, b2, c02);
+            c03 = madd(h0, b3, c03);
+            c10 = madd(h1, b0, c10);
+            c11 = madd(h1, b1, c11);
+            c12 = madd(h1, b2, c12);
+            c13 = madd(h1, b3, c13);
+            c00 = madd(l0, b0, c00);
+            c01 = madd(l0, b1, c01);
+            c02 = madd(l0, b2, c02);
+            c03 = madd(l0, b3, c03);
+            c10 = madd(l1, b0, c10);
+            c11 = madd(l1, b1, c11);
+            c12 = madd(l1, b2, c12);
+            c13 = madd(l1, b3, c13);
         }
     }
     let at = split * p.rows * p.n;

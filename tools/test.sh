@@ -26,6 +26,8 @@ fi
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 
 cargo test --locked
+# The tensor-core kernels too, on a newer lavapipe that has cooperative matrices.
+tools/coop_tests.sh
 
 # The browser build (web/, its own cargo workspace): the WebGPU backend in headless Chromium
 # (Debian's package; WebGPU on its built-in SwiftShader adapter, loopback only) against the CPU

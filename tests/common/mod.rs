@@ -18,8 +18,23 @@ fn open_wgpu(opts: WgpuOptions) -> &'static Wgpu {
     )))
 }
 
+/// The full-featured device; with `MAMBA_MIXER_EXPECT_COOP=1` (tools/test.sh's run on Mesa 26's
+/// lavapipe, which has cooperative matrices) it must use them, so that those kernels cannot be
+/// skipped unnoticed.
+fn open_full() -> &'static Wgpu {
+    let w = open_wgpu(WgpuOptions::default());
+    if std::env::var("MAMBA_MIXER_EXPECT_COOP").is_ok_and(|v| v == "1") {
+        assert!(
+            w.uses_coop(),
+            "MAMBA_MIXER_EXPECT_COOP=1, but {} offers no cooperative matrices to use",
+            w.adapter_name()
+        );
+    }
+    w
+}
+
 thread_local! {
-    static WGPU: &'static Wgpu = open_wgpu(WgpuOptions::default());
+    static WGPU: &'static Wgpu = open_full();
     // The fallbacks, and every kernel with wgpu's runtime checks.
     static WGPU_BASIC: &'static Wgpu = open_wgpu(WgpuOptions {
         use_f16: false,

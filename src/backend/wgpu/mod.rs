@@ -181,8 +181,12 @@ pub struct Inner {
     f16: bool,
     /// SUBGROUP is on: reductions use subgroup sums.
     subgroups: bool,
-    /// EXPERIMENTAL_COOPERATIVE_MATRIX is on, with 16x16x16 f16 products into f32.
+    /// EXPERIMENTAL_COOPERATIVE_MATRIX is on, with 16x16x16 f16 products into f32, or with
+    /// 8x8x8 ones only (`coop_f8`).
     coop: bool,
+    coop_f8: bool,
+    /// The adapter's subgroup size where it is fixed (min = max), else 0.
+    subgroup: u32,
     /// Kernels built without runtime checks.
     trusted: bool,
     limits: wgpu::Limits,
@@ -242,18 +246,29 @@ impl Wgpu {
         }
         features |= have
             & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
-        let f16_into_f32 = adapter.cooperative_matrix_properties().iter().any(|c| {
-            use wgpu::CooperativeScalarType as T;
-            (c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type) == (16, 16, 16, T::F16, T::F32)
-        });
-        // The kernel places its matrices by subgroup, 32 lanes each (NVIDIA's warps).
+        // Square f16 products into f32: 16x16x16 (NVIDIA), else 8x8x8 (Apple, lavapipe), of
+        // which the kernel makes its 16x16 fragments.
+        let f16_into_f32 = |size: u32| {
+            adapter.cooperative_matrix_properties().iter().any(|c| {
+                use wgpu::CooperativeScalarType as T;
+                (c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type)
+                    == (size, size, size, T::F16, T::F32)
+            })
+        };
+        let coop_f8 = !f16_into_f32(16);
         let info = adapter.get_info();
+        // The kernel places its matrices by subgroup: their size must be fixed.
+        let subgroup = if info.subgroup_min_size == info.subgroup_max_size {
+            info.subgroup_min_size
+        } else {
+            0
+        };
         let coop = opts.use_coop
             && features.contains(wgpu::Features::SHADER_F16)
             && features.contains(wgpu::Features::SUBGROUP)
-            && (info.subgroup_min_size, info.subgroup_max_size) == (32, 32)
+            && [8, 16, 32, 64].contains(&subgroup)
             && have.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
-            && f16_into_f32;
+            && (f16_into_f32(16) || f16_into_f32(8));
         if coop {
             features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }
@@ -302,6 +317,8 @@ impl Wgpu {
             f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
             coop,
+            coop_f8,
+            subgroup,
             trusted: opts.trusted,
             adapter_name: info.name,
             software: info.device_type == wgpu::DeviceType::Cpu,
@@ -751,7 +768,11 @@ impl Inner {
         self.dispatch(
             shader::MMA,
             "mma",
-            &[("COOP", 1)],
+            &[
+                ("COOP", 1),
+                ("F8", self.coop_f8 as u32),
+                ("SG", self.subgroup),
+            ],
             &params,
             &binds,
             u(groups)?,

@@ -85,11 +85,15 @@ mod tests {
     #[test]
     fn the_cooperative_matrix_kernels_compile() {
         use wgpu::naga;
-        for (split, gate) in [(0, 0), (1, 0), (1, 1)] {
-            let src = expand(
-                super::MMA.1,
-                &[("SPLIT", split), ("GATE", gate), ("COOP", 1)],
-            );
+        for (split, gate, f8, sg) in [(0, 0, 0, 32), (0, 0, 1, 8), (1, 0, 0, 0), (1, 1, 0, 0)] {
+            let defines = [
+                ("SPLIT", split),
+                ("GATE", gate),
+                ("COOP", 1),
+                ("F8", f8),
+                ("SG", sg),
+            ];
+            let src = expand(super::MMA.1, &defines);
             let module = naga::front::wgsl::parse_str(&src)
                 .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
             let info = naga::valid::Validator::new(
@@ -99,7 +103,7 @@ mod tests {
             .validate(&module)
             .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
             let spv = naga::back::spv::write_vec(&module, &info, &Default::default(), None)
-                .unwrap_or_else(|e| panic!("SPIR-V of mma.wgsl (SPLIT {split}, GATE {gate}): {e}"));
+                .unwrap_or_else(|e| panic!("SPIR-V of mma.wgsl ({defines:?}): {e}"));
             assert!(spv.len() > 100);
         }
     }
