@@ -179,7 +179,7 @@ fn mma_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 #else
 
 // 16x16 fragments: the hardware's own (NVIDIA), or (F8) each made of 2x2 8x8 matrices where the
-// adapter offers only those (Apple's simdgroup matrices, Mesa's lavapipe).
+// adapter offers only those (Mesa 26's lavapipe).
 #if F8
 alias M8A = coop_mat8x8<f16, A>;
 alias M8B = coop_mat8x8<f16, B>;

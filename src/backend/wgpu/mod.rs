@@ -246,7 +246,7 @@ impl Wgpu {
         }
         features |= have
             & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
-        // Square f16 products into f32: 16x16x16 (NVIDIA), else 8x8x8 (Apple, lavapipe), of
+        // Square f16 products into f32: 16x16x16 (NVIDIA), else 8x8x8 (Mesa 26's lavapipe), of
         // which the kernel makes its 16x16 fragments.
         let f16_into_f32 = |size: u32| {
             adapter.cooperative_matrix_properties().iter().any(|c| {
