@@ -10,7 +10,6 @@
 // the epilogue divides out. The parameters are matmul.wgsl's, so its matmul_sum adds split-K
 // partials: k is the padded row length, `rows` the real rows (mma_split pads x with zero rows to
 // whole tiles of TR rows, one workgroup per row). mma_split's GATE variant splits out_proj's
-// input computed on the way, the gate and group RMSNorm of the scan's output (no pass of its own). mma_split's GATE variant splits out_proj's
 // input computed on the way, the gate and group RMSNorm of the scan's output (no pass of its own).
 
 struct Params {
@@ -252,9 +251,9 @@ fn store_c(c: Acc, at: u32) {
 #endif
 
 // A workgroup is WR x WC subgroups of SG lanes (32 on NVIDIA), each 32 rows x 64 columns (2x4
-// matrices of 16x16): tiles
-// of TR x TC outputs, k in steps of 32 through workgroup memory (x's hi rows, then its lo rows,
-// and the weight rows, each padded from 32 values to 40 against bank conflicts). Measured on the
+// matrices of 16x16): tiles of TR x TC outputs, k in steps of 32 through workgroup memory (x's hi
+// rows, then its lo rows, and the weight rows, each padded from 32 values to 40 against bank
+// conflicts). Measured on the
 // H200 (prefill 1x2048 of the 2.7b layer): 2x2 subgroups 1.86 ms of products; 4x2 2.24 and 2x4
 // 2.30 (fewer workgroups per multiprocessor); the next step's loads issued before the products,
 // no faster; the matrices loaded straight from memory instead of workgroup memory, 5.7 ms; k in

@@ -357,15 +357,28 @@ fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
     }
 }
 
-/// The whole decode pass (`Backend::decode`, which a backend may fuse) against the CPU's: total
-/// rows 1..=6 (the fused kernels take up to 4), requests of 1..=3 tokens from random or zero
-/// states, some recording intermediates; outputs, pools and intermediates compared.
+/// The whole decode pass (`Backend::decode`, which a backend may fuse) against the CPU's: two
+/// batches of 48 and 80 rows, then total rows 1..=6 (the fused kernels take up to 4), requests of
+/// 1..=3 tokens from random or zero states, some recording intermediates; outputs, pools and
+/// intermediates compared.
 fn decode_pass_matches_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
     for trial in 0..trials {
         let mut r = rng(700 + trial);
         let mut cfg = random_config(&mut r);
-        // Mostly shapes the fused kernels take: head sizes a multiple of 8, no in_proj bias.
-        if r.random_bool(0.8) {
+        // Trials 0 and 1: batches of 80 and 48 rows with in_proj's k of 512, which the batched
+        // pass splits over k (its conv update sums the partials), from a tiled product of more
+        // than 64 rows (one split on SIMT) and of fewer; trial 1 with in_proj's bias.
+        let big = trial < 2;
+        if big {
+            cfg = MixerConfig::from_json(&format!(
+                r#"{{"d_model": 512, "expand": 2, "headdim": 64, "ngroups": 2, "d_state": 16,
+                    "d_conv": 4, "norm_before_gate": {}, "bias": {}}}"#,
+                trial == 1,
+                trial == 1,
+            ))
+            .unwrap();
+        } else if r.random_bool(0.8) {
+            // Mostly shapes the fused kernels take: head sizes a multiple of 8, no in_proj bias.
             let headdim = *[8usize, 16, 64].choose(&mut r).unwrap();
             let ngroups = *[1usize, 2].choose(&mut r).unwrap();
             cfg = MixerConfig::from_json(&format!(
@@ -390,12 +403,22 @@ fn decode_pass_matches_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
         let cpu = Mixer::new(Cpu, &cfg, &w).unwrap();
         let gpu = Mixer::new(dev.clone(), &cfg, &w).unwrap();
         let (cl, sl) = (cfg.conv_state_len(), cfg.ssm_state_len());
-        let (slots, stride) = (4, 3);
+        let requests = match trial {
+            0 => 40,
+            1 => 24,
+            _ => r.random_range(1..=3),
+        };
+        let (slots, stride) = (requests + 1, 3);
         let mut cu = vec![0i32];
         let (mut dslots, mut record) = (vec![], vec![]);
         let mut free: Vec<i32> = (0..slots as i32).collect();
-        for i in 0..r.random_range(1..=3) {
-            cu.push(cu[i] + r.random_range(1..=stride as i32));
+        for i in 0..requests {
+            let tokens = if big {
+                2
+            } else {
+                r.random_range(1..=stride as i32)
+            };
+            cu.push(cu[i] + tokens);
             let slot = if r.random_bool(0.15) {
                 -1
             } else {

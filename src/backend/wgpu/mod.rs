@@ -1113,6 +1113,14 @@ fn decode_rows(
 ) -> Result<GpuBuf> {
     let cfg = &p.cfg;
     let rows = dec.rows();
+    if hidden.len < rows * cfg.d_model {
+        return Err(err(format!(
+            "decode: hidden holds {} values, {rows} rows of d_model {} need {}",
+            hidden.len,
+            cfg.d_model,
+            rows * cfg.d_model
+        )));
+    }
     let (inter_conv, inter_ssm) = split(inter);
     let w = &p.in_proj;
     let run = if w.mma {
