@@ -286,7 +286,8 @@ impl<'m, B: Backend> Engine<'m, B> {
         // Host metadata for both passes, computed once and uploaded once per pass.
         let gather = |idx: &[usize]| {
             let mut cu = vec![0i32];
-            let mut hidden = vec![];
+            let mut hidden =
+                Vec::with_capacity(idx.iter().map(|&i| requests[i].tokens.len()).sum());
             for &i in idx {
                 hidden.extend_from_slice(requests[i].tokens);
                 cu.push(cu[cu.len() - 1] + (requests[i].tokens.len() / d) as i32);
