@@ -714,6 +714,15 @@ impl Inner {
         Ok((parts, scale))
     }
 
+    /// The buffer for `splits` blocks of `len` partial products: none where they go straight to
+    /// the caller's output (`to_out`, one split).
+    fn partials(&self, to_out: bool, splits: usize, len: usize) -> Result<Option<GpuBuf>> {
+        if to_out && splits == 1 {
+            return Ok(None);
+        }
+        self.buffer((splits * len * 4) as u64).map(Some)
+    }
+
     /// The split of x and the products: into `out` when k is not split, else into partials,
     /// returned with matmul_sum's parameters (always, `out` being None: `splits` blocks of
     /// (rows, n), without the bias).
@@ -751,12 +760,9 @@ impl Inner {
             0,
             0,
         ];
-        let scratch = match (&out, splits) {
-            (Some(_), 1) => None,
-            _ => Some(self.buffer((splits * rows * w.n * 4) as u64)?),
-        };
+        let scratch = self.partials(out.is_some(), splits, rows * w.n)?;
         let Some(target) = scratch.as_ref().or(out.as_deref()).map(GpuBuf::raw) else {
-            return Err(err("mma: no output"));
+            return Err(err("products without an output"));
         };
         let binds = [
             (1, parts.raw()),
@@ -1024,12 +1030,9 @@ impl Inner {
         ];
         let native = (w.kind == WeightKind::F16 && self.f16) as u32;
         let defines = [(define, 1), ("F16_NATIVE", native)];
-        let scratch = match (&out, splits) {
-            (Some(_), 1) => None,
-            _ => Some(self.buffer((splits * rows * w.n * 4) as u64)?),
-        };
+        let scratch = self.partials(out.is_some(), splits, rows * w.n)?;
         let Some(target) = scratch.as_ref().or(out.as_deref()).map(GpuBuf::raw) else {
-            return Err(err("matmul: no output"));
+            return Err(err("products without an output"));
         };
         let binds = [
             (1, x.raw()),
