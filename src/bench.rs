@@ -79,7 +79,9 @@ pub struct Measured {
     pub wall_us: f64,
     pub step_us: Option<f64>,
     pub device_us: Option<f64>,
-    pub kernels: Vec<(&'static str, f64)>,
+    /// In the order of a step; a kernel dispatched more than once per step is named with its
+    /// turn ("mma #2").
+    pub kernels: Vec<(String, f64)>,
 }
 
 /// Runs `case` `iters` times after a warm-up and averages per step.
@@ -135,7 +137,7 @@ pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Resu
     // with every kernel timed on its own for the breakdown (few: the query set is bounded).
     let flat: Vec<f32> = hidden.concat();
     let mut device_us = None;
-    let mut kernels: Vec<(&'static str, f64)> = vec![];
+    let mut kernels: Vec<(String, f64)> = vec![];
     if let Some(first) = replay(m, case, &flat, warmup, false).await?.first() {
         let reps = ((50e6 / (first.1 / warmup as f64).max(1.0)) as usize).clamp(iters, 20_000);
         let t = Instant::now();
@@ -147,15 +149,25 @@ pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Resu
             .first()
             .map(|e| e.1 / 1e3 / reps as f64);
     }
-    let k_reps = iters.min(8);
-    for (name, ns) in replay(m, case, &flat, k_reps, true).await? {
-        match kernels.iter_mut().find(|(n, _)| *n == name) {
-            Some(k) => k.1 += ns,
-            None => kernels.push((name, ns)),
-        }
+    // One step's dispatches name the entries; a step that the bounded query set cut short is
+    // left out of the averages.
+    let step: Vec<&str> = replay(m, case, &flat, 1, true)
+        .await?
+        .iter()
+        .map(|e| e.0)
+        .collect();
+    for (at, name) in step.iter().enumerate() {
+        let turn = 1 + step[..at].iter().filter(|n| *n == name).count();
+        kernels.push(match turn {
+            1 => (name.to_string(), 0.0),
+            t => (format!("{name} #{t}"), 0.0),
+        });
     }
-    kernels.iter_mut().for_each(|k| k.1 /= 1e3 * k_reps as f64);
-    kernels.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let timed = replay(m, case, &flat, iters.min(8), true).await?;
+    let steps = timed.len() / step.len().max(1);
+    for (i, (_, ns)) in timed.iter().take(steps * step.len()).enumerate() {
+        kernels[i % step.len()].1 += ns / (1e3 * steps as f64);
+    }
     Ok(Measured {
         case,
         wall_us,
