@@ -27,7 +27,8 @@ fn same(label: &str, got: &[f32], want: &[f32]) {
 /// A random small config whose sizes are not multiples of the kernels' tiles.
 fn random_config(r: &mut rand_chacha::ChaCha8Rng) -> MixerConfig {
     // Sizes past the kernels' tiles too: headdim 64 (a group's heads past 128 state rows), d_state
-    // 130 (past the decode update's 128 columns per lane set), chunks of 256 (past 128 rows).
+    // 130 and 132 (past the decode update's 128 columns per lane set; 132 and 16 a multiple of 4,
+    // which it reads as vectors), chunks of 256 (past 128 rows).
     let headdim = *[3usize, 8, 16, 24, 64].choose(r).unwrap();
     let ngroups = *[1usize, 2, 3].choose(r).unwrap();
     let heads_per_group = r.random_range(1..=3);
@@ -38,7 +39,7 @@ fn random_config(r: &mut rand_chacha::ChaCha8Rng) -> MixerConfig {
         r#"{{"d_model": {d_inner}, "expand": 1, "headdim": {headdim}, "ngroups": {ngroups},
             "d_state": {}, "d_conv": {}, "chunk_size": {}, "D_has_hdim": {}, "bias": {},
             "conv_bias": {}, "rmsnorm": {}, "norm_before_gate": {}, "dt_limit": [{}, {}]}}"#,
-        [5usize, 16, 33, 70, 130].choose(r).unwrap(),
+        [5usize, 16, 33, 70, 130, 132].choose(r).unwrap(),
         r.random_range(1..=4),
         [1usize, 4, 16, 64, 128, 256].choose(r).unwrap(),
         r.random_bool(0.5),
@@ -386,7 +387,7 @@ fn decode_pass_matches_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
                     "d_state": {}, "d_conv": {}, "rmsnorm": {}, "norm_before_gate": {},
                     "D_has_hdim": {}, "conv_bias": {}}}"#,
                 headdim * ngroups * r.random_range(1..=3),
-                [16usize, 33, 128].choose(&mut r).unwrap(),
+                [16usize, 33, 128, 136].choose(&mut r).unwrap(),
                 r.random_range(1..=4),
                 r.random_bool(0.8),
                 r.random_bool(0.5),

@@ -115,10 +115,11 @@ const MMA_COLS: usize = 128;
 const MMA_K: usize = 32;
 
 /// Split-K (splits, k per split) for tiled products whose tiles alone are too few workgroups to
-/// fill a big GPU (decode batches): about 512 workgroups, each over at least 256 of k, in whole
-/// steps of `step`.
-fn split_k(tiles: usize, k: usize, step: usize) -> (usize, usize) {
-    let splits = (512 / tiles.max(1)).clamp(1, (k / 256).max(1));
+/// fill a big GPU (decode batches): about `target` workgroups, each over at least 256 of k, in
+/// whole steps of `step`. mma.wgsl's target is 256 (2.7b batch 64 on the H200: in_proj 62 us in 3
+/// splits, 75 in 6, 123 in 1; out_proj 41 us in 12 splits, 57 in 20, 49 in 9).
+fn split_k(tiles: usize, k: usize, step: usize, target: usize) -> (usize, usize) {
+    let splits = (target / tiles.max(1)).clamp(1, (k / 256).max(1));
     let k_per = k.div_ceil(splits).next_multiple_of(step).max(step);
     (k.div_ceil(k_per).max(1), k_per)
 }
@@ -739,7 +740,7 @@ impl Inner {
         let (parts, scale) = self.mma_split(src, w.k, kp, rows)?;
         let tiles_n = w.n.div_ceil(MMA_COLS);
         let tiles = padded / MMA_ROWS * tiles_n;
-        let (splits, k_per) = split_k(tiles, kp, MMA_K);
+        let (splits, k_per) = split_k(tiles, kp, MMA_K, 256);
         let bias = bias.filter(|_| out.is_some());
         let groups = tiles * splits;
         let params = [
@@ -980,6 +981,7 @@ impl Inner {
                 ("SUBGROUPS", self.subgroups as u32),
                 ("FUSED", fused as u32),
                 ("RPW", u(rpw)?),
+                ("V4", (ds % 4 == 0) as u32),
             ],
             &params,
             &binds,
@@ -1008,7 +1010,7 @@ impl Inner {
         let tiles_n = w.n.div_ceil(tile);
         let tiles = rows.div_ceil(tile) * tiles_n;
         let (splits, k_per) = if entry == "matmul" {
-            split_k(tiles, w.k, 16)
+            split_k(tiles, w.k, 16, 512)
         } else {
             (1, w.k.next_multiple_of(16))
         };
@@ -1903,10 +1905,19 @@ mod tests {
         let b = pollster::block_on(Wgpu::new(WgpuOptions::default()))
             .expect("this test needs a GPU adapter (tools/test.sh installs Mesa's lavapipe)");
         let rows = 5;
-        for (ng, before, norm) in [(1, false, true), (4, true, true), (2, false, false)] {
-            // d_inner 144: rows padded from 144 values to 160.
-            let mut cfg = MixerConfig::new(72);
-            cfg.headdim = 18;
+        // d_inner 144: rows padded from 144 values to 160; 1200 (to 1216): more values than the
+        // kernel's 256 threads take in one step of four.
+        let cases = [
+            (72, 1, false, true),
+            (72, 4, true, true),
+            (72, 2, false, false),
+            (600, 2, true, true),
+            (600, 1, false, true),
+            (600, 5, true, false),
+        ];
+        for (d_model, ng, before, norm) in cases {
+            let mut cfg = MixerConfig::new(d_model);
+            cfg.headdim = if d_model == 72 { 18 } else { 24 };
             cfg.ngroups = ng;
             cfg.norm_before_gate = before;
             cfg.rmsnorm = norm;
@@ -1990,7 +2001,9 @@ mod tests {
                         } else {
                             0.0
                         };
-                        let label = format!("ng {ng} before {before} norm {norm} src {i}");
+                        let label = format!(
+                            "d_model {d_model} ng {ng} before {before} norm {norm} src {i}"
+                        );
                         assert!(
                             (v - w).abs() <= peak * 2f64.powi(-20),
                             "{label}: row {r} column {c}: {v} against {w} (row peak {peak})"
