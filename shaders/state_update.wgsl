@@ -85,7 +85,8 @@ fn load4(buf: u32, base: u32, lane: u32, first: u32) -> vec4<f32> {
     let s0 = first + 4u * lane;
     if (s0 < p.ds) {
         if (buf == 0u) {
-            v = vec4<f32>(xin(base + s0), xin(base + s0 + 1u), xin(base + s0 + 2u), xin(base + s0 + 3u));
+            v = vec4<f32>(xin(base + s0), xin(base + s0 + 1u), xin(base + s0 + 2u),
+                          xin(base + s0 + 3u));
         } else {
             v = pool[(base + s0) / 4u];
         }

@@ -1905,8 +1905,8 @@ mod tests {
         let b = pollster::block_on(Wgpu::new(WgpuOptions::default()))
             .expect("this test needs a GPU adapter (tools/test.sh installs Mesa's lavapipe)");
         let rows = 5;
-        // d_inner 144: rows padded from 144 values to 160; 1200 (to 1216): more values than the
-        // kernel's 256 threads take in one step of four.
+        // d_inner 144: rows padded from 144 values to 160; 1200 (to 1216): several values per
+        // thread of the kernel's 256, in groups of 1200 and 600 as well as 240 and 48.
         let cases = [
             (72, 1, false, true),
             (72, 4, true, true),
