@@ -982,6 +982,7 @@ impl Inner {
                 ("FUSED", fused as u32),
                 ("RPW", u(rpw)?),
                 ("V4", (ds % 4 == 0) as u32),
+                ("WIDE", (ds > 128) as u32),
             ],
             &params,
             &binds,
