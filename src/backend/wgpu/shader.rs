@@ -92,6 +92,8 @@ mod tests {
                 ("COOP", 1),
                 ("F8", f8),
                 ("SG", sg),
+                ("ST", 256),
+                ("NV", 3),
             ];
             let src = expand(super::MMA.1, &defines);
             let module = naga::front::wgsl::parse_str(&src)
