@@ -1564,7 +1564,8 @@ impl Backend for Wgpu {
             (8, pack.dev_snaps.raw()),
             (9, saved),
         ];
-        let n = rows * cd;
+        // conv_seq's threads: blocks of 8 rows (RB) by channels.
+        let n = rows.div_ceil(8) * cd;
         self.dispatch(
             shader::CONV,
             "conv_seq",
