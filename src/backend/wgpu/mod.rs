@@ -97,14 +97,15 @@ impl Drop for GpuBuf {
 }
 
 /// State rows per warp of the decode update: one where the (request, head, 8 rows) workgroups
-/// are few (2.7b batch 1, 640 of them: more rows per warp measured slower), two for batches
-/// (2.7b batch 64: 188 us with one, 134 with two, 155 with four, 183 with eight; batch 16 of
-/// 1+3 tokens: 110 with one, 91 with two).
+/// are few (2.7b batch 1, 640 of them: more rows per warp measured slower), two or four for
+/// batches. H200, 2.7b batch 64 (40960 of them): 132.0 us with one, 120.6 with two, 109.6 with
+/// four, 123.0 with eight; batch 16 of 1+3 tokens (10240): 75.6 with two, 72.7 with four, 85.2
+/// with eight (since the columns past 128 are a define; before it two were best).
 fn rows_per_warp(requests: usize, nh: usize, hd: usize) -> usize {
-    if requests * nh * hd.div_ceil(8) > 1024 {
-        2
-    } else {
-        1
+    match requests * nh * hd.div_ceil(8) {
+        n if n > 8192 => 4,
+        n if n > 1024 => 2,
+        _ => 1,
     }
 }
 
