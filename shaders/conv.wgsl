@@ -3,7 +3,7 @@
 // decode update over one or more tokens per request (conv_update; PARTS: it also sums in_proj's
 // split-K partials, so decode batches need no summing pass of their own). Defines: DC, the conv
 // width, and (PARTS) SPLITS, the partials: constants, so that the loops over them have fixed
-// counts and their loads go out together (H200, 2.7b batch 64: conv_update 19.6 -> 18.4 us).
+// counts and their loads go out together (H200, 2.7b batch 64: conv_update 19.6 -> 15.0 us).
 
 struct Params {
     rows: u32,      // rows of this pass

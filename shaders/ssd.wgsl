@@ -307,6 +307,10 @@ fn fill(t: Tile, k0: u32, kn: u32, th: u32) {
     }
 }
 #else
+// A's and B's elements per thread and step (8 and 4: Raw holds them as 2 and 1 vec4).
+const NA: u32 = TI * WK / 256u;
+const NB: u32 = TJ * WK / 256u;
+
 // CB and OUT: a step's operands as loaded (fetch) apart from their arithmetic and their stores into
 // workgroup memory (put), so that the next step's loads are in flight while this step runs its
 // products (H200 1x8192: OUT 1409 -> 1245 us, CB 37 -> 35). Consecutive threads read consecutive
@@ -331,7 +335,7 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32) -> Raw {
         w.dk = dt[(t.r0 + k) * p.nh + t.h];
     }
 #endif
-    for (var e = 0u; e < 8u; e++) {
+    for (var e = 0u; e < NA; e++) {
         let i = th / WK + e * (256u / WK);
         let ci = t.i0 + i;
         var v = 0.0;
@@ -355,7 +359,7 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32) -> Raw {
 #if MODE_OUT
     if (phase == 1u) {
         let j = th % TJ;
-        for (var e = 0u; e < 4u; e++) {
+        for (var e = 0u; e < NB; e++) {
             let kj = th / TJ + e * (256u / TJ);
             var v = 0.0;
             if (k0 + kj < kn && t.j0 + j < p.hd) {
@@ -366,11 +370,12 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32) -> Raw {
         return w;
     }
 #endif
-    for (var e = 0u; e < 4u; e++) {
+    for (var e = 0u; e < NB; e++) {
         let j = th / WK + e * (256u / WK);
         let cj = t.j0 + j;
         var v = 0.0;
 #if MODE_OUT
+        // The state entering the chunk, (p, s) at (j, k).
         if (k < kn && cj < p.hd) {
             v = states[((t.c * p.nh + t.h) * p.hd + cj) * p.ds + k];
         }
@@ -387,7 +392,7 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32) -> Raw {
 fn put(t: Tile, phase: u32, k0: u32, kn: u32, th: u32, w: Raw) {
     let kk = th % WK;
     let k = k0 + kk;
-    for (var e = 0u; e < 8u; e++) {
+    for (var e = 0u; e < NA; e++) {
         let i = th / WK + e * (256u / WK);
         var v = w.a1[e % 4u];
         if (e < 4u) {
@@ -408,14 +413,14 @@ fn put(t: Tile, phase: u32, k0: u32, kn: u32, th: u32, w: Raw) {
 #if MODE_OUT
     if (phase == 1u) {
         let j = th % TJ;
-        for (var e = 0u; e < 4u; e++) {
+        for (var e = 0u; e < NB; e++) {
             let kj = th / TJ + e * (256u / TJ);
             bt[kj * BROW + j / 4u][j % 4u] = w.b[e];
         }
         return;
     }
 #endif
-    for (var e = 0u; e < 4u; e++) {
+    for (var e = 0u; e < NB; e++) {
         let j = th / WK + e * (256u / WK);
         bt[kk * BROW + j / 4u][j % 4u] = w.b[e];
     }
