@@ -81,11 +81,9 @@ fn state_col(s: u32, pos: u32, c: u32, i: u32) -> f32 {
     return pool[(u32(slot) * p.cd + c) * DC + e];
 }
 
-// Rows per thread of conv_seq: each input is read once into the window of the last DC inputs,
-// not DC times (H200, 2.7b prefill 2048: one row a thread took 129 us).
-const RB: u32 = 8u;
-
-// A thread per (block of RB rows, conv channel).
+// A thread per (block of RB rows, conv channel; RB a define): each input is read once into the
+// window of the last DC inputs, not DC times (H200, 2.7b prefill 2048: a row a thread, 129 us;
+// 8 rows, 43).
 @compute @workgroup_size(64, 1, 1)
 fn conv_seq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_id) lid: vec3<u32>) {

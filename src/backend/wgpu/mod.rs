@@ -24,6 +24,8 @@ const MAX_D_STATE: usize = 256;
 const MATVEC_ROWS: usize = 4;
 /// Most (row, group) pairs of the fused decode pass (the out_proj kernel's factors).
 const MAX_NORM_FACTORS: usize = 64;
+/// Rows per thread of conv.wgsl's conv_seq (its RB).
+const CONV_ROWS: usize = 8;
 /// ssd.wgsl's tiles: ssd_mm's outputs per workgroup (rows, columns), ssd_dt's heads per workgroup.
 const SSD_TI: usize = 128;
 const SSD_TJ: usize = 64;
@@ -1109,13 +1111,15 @@ impl Inner {
         if splits > 0 {
             binds.push((10, self.opt(p.in_proj_bias.as_ref())));
         }
+        let [dc, rb] = conv_defines(cfg.d_conv)?;
         self.dispatch(
             shader::CONV,
             "conv_update",
             &[
                 ("PARTS", (splits > 0) as u32),
-                ("DC", u(cfg.d_conv)?),
                 ("SPLITS", u(splits)?),
+                dc,
+                rb,
             ],
             &params,
             &binds,
@@ -1231,6 +1235,11 @@ fn u(v: usize) -> Result<u32> {
 }
 
 /// Threads of `WG` per workgroup needed for `n` items.
+/// The defines of every conv.wgsl pipeline: the conv width and conv_seq's rows per thread.
+fn conv_defines(dc: usize) -> Result<[(&'static str, u32); 2]> {
+    Ok([("DC", u(dc)?), ("RB", u(CONV_ROWS)?)])
+}
+
 fn groups_for(n: usize) -> Result<u32> {
     u(n.div_ceil(WG as usize))
 }
@@ -1565,12 +1574,12 @@ impl Backend for Wgpu {
             (8, pack.dev_snaps.raw()),
             (9, saved),
         ];
-        // conv_seq's threads: blocks of 8 rows (RB) by channels.
-        let n = rows.div_ceil(8) * cd;
+        // conv_seq's threads: blocks of CONV_ROWS rows by channels.
+        let n = rows.div_ceil(CONV_ROWS) * cd;
         self.dispatch(
             shader::CONV,
             "conv_seq",
-            &[("DC", u(dc)?)],
+            &conv_defines(dc)?,
             &params(n)?,
             &pick(&binds, &[1, 2, 3, 4, 5, 6, 7]),
             groups_for(n)?,
@@ -1580,7 +1589,7 @@ impl Backend for Wgpu {
             self.dispatch(
                 shader::CONV,
                 "conv_snap",
-                &[("DC", u(dc)?)],
+                &conv_defines(dc)?,
                 &params(n)?,
                 &pick(&binds, &[1, 4, 5, 6, 8, 9]),
                 groups_for(n)?,
@@ -1590,7 +1599,7 @@ impl Backend for Wgpu {
         self.dispatch(
             shader::CONV,
             "conv_final",
-            &[("DC", u(dc)?)],
+            &conv_defines(dc)?,
             &params(n)?,
             &pick(&binds, &[1, 4, 5, 6]),
             groups_for(n)?,
@@ -1929,8 +1938,8 @@ mod tests {
         let b = pollster::block_on(Wgpu::new(WgpuOptions::default()))
             .expect("this test needs a GPU adapter (tools/test.sh installs Mesa's lavapipe)");
         let rows = 5;
-        // d_inner 144: rows padded from 144 values to 160; 1200 (to 1216): several values per
-        // thread of the kernel's 256, in groups of 1200 and 600 as well as 240 and 48.
+        // d_inner 144: rows padded from 144 values to 160; 1200 (to 1216): values of a row in
+        // groups of 1200 and 600 as well as 240 and 48.
         let cases = [
             (72, 1, false, true),
             (72, 4, true, true),
