@@ -1,9 +1,10 @@
 // The causal depthwise conv + SiLU over packed sequences (conv_seq), the states it leaves
 // (conv_snap: at snapshot positions; conv_final: at each sequence's end, into its slot), and the
 // decode update over one or more tokens per request (conv_update; PARTS: it also sums in_proj's
-// split-K partials, so decode batches need no summing pass of their own). Defines: DC, the conv
-// width, and (PARTS) SPLITS, the partials: constants, so that the loops over them have fixed
-// counts and their loads go out together (H200, 2.7b batch 64: conv_update 19.6 -> 15.0 us).
+// split-K partials, so decode batches need no summing pass of their own; SCALED: mma.wgsl's,
+// whose row scales follow them). Defines: DC, the conv width, and (PARTS) SPLITS, the partials:
+// constants, so that the loops over them have fixed counts and their loads go out together
+// (H200, 2.7b batch 64: conv_update 19.6 -> 15.0 us).
 
 struct Params {
     rows: u32,      // rows of this pass
@@ -16,8 +17,8 @@ struct Params {
     nsnaps: u32,
     stride: u32,    // intermediate entries per record index
     has_in_bias: u32,  // PARTS: in_proj's bias
-    _pad0: u32,
-    _pad1: u32,
+    part_row: u32,     // PARTS: the partials' row length and split length (values)
+    part_len: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -197,11 +198,15 @@ fn col(w: Window, j: u32) -> f32 {
 fn in_proj_at(r: u32, c: u32) -> f32 {
 #if PARTS
     var v = 0.0;
-    if (p.has_in_bias != 0u) {
-        v = in_bias[c];
-    }
     for (var s = 0u; s < SPLITS; s++) {
-        v += zxbcdt[(s * p.rows + r) * p.dip + c];
+        v += zxbcdt[s * p.part_len + r * p.part_row + c];
+    }
+#if SCALED
+    // mma.wgsl's partials end with x's row scales.
+    v /= zxbcdt[SPLITS * p.part_len + r];
+#endif
+    if (p.has_in_bias != 0u) {
+        v += in_bias[c];
     }
     return v;
 #else

@@ -15,9 +15,10 @@ struct Params {
     // buffer) and matmul_sum adds them.
     k_per: u32,
     splits: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // matmul_sum: the partials' row length and split length (values).
+    part_row: u32,
+    part_len: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -34,6 +35,7 @@ struct Params {
 #endif
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
 
 fn wload(j: u32, kk: u32) -> f32 {
 #if W_F32
@@ -134,21 +136,26 @@ fn store_row(at: u32, r: u32, j: u32, v: vec4<f32>) {
     }
 }
 
-// The split-K partials of matmul summed, plus the bias: `x` holds `splits` blocks of (rows, n).
+// Split-K partials summed, plus the bias: `x` holds `splits` blocks of part_len values, rows of
+// part_row (matmul's: (rows, n); SCALED: mma.wgsl's, padded, then x's row scales, which divide).
 @compute @workgroup_size(256, 1, 1)
 fn matmul_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = (wid.x + wid.y * nwg.x) * 256u + lid.x;
-    let total = p.rows * p.n;
-    if (i >= total) {
+    if (i >= p.rows * p.n) {
         return;
     }
+    let r = i / p.n;
+    let j = i % p.n;
     var o = 0.0;
-    if (p.has_bias != 0u) {
-        o = bias[i % p.n];
-    }
     for (var s = 0u; s < p.splits; s++) {
-        o += x[s * total + i];
+        o += x[s * p.part_len + r * p.part_row + j];
+    }
+#if SCALED
+    o /= x[p.splits * p.part_len + r];
+#endif
+    if (p.has_bias != 0u) {
+        o += bias[j];
     }
     out[i] = o;
 }

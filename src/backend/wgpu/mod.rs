@@ -127,6 +127,23 @@ fn split_k(tiles: usize, k: usize, step: usize, target: usize) -> (usize, usize)
     (k.div_ceil(k_per).max(1), k_per)
 }
 
+/// Split-K partial products, summed by matmul_sum or conv_update: `splits` blocks of `len`
+/// values in rows of `row`; `scaled`: mma.wgsl's (rows and columns padded to whole tiles), then
+/// x's row scales, which each row's sum is still to be divided by.
+struct Partials {
+    buf: GpuBuf,
+    splits: usize,
+    row: usize,
+    len: usize,
+    scaled: bool,
+}
+
+/// What the decode conv update reads: in_proj's output, or its split-K partials.
+enum InProj<'a> {
+    Out(&'a GpuBuf),
+    Parts(&'a Partials),
+}
+
 /// A bind group's pipeline (its address in the cache, which keeps it) and buffers by binding.
 type BindKey = (usize, Vec<(u32, wgpu::Buffer)>);
 
@@ -668,8 +685,8 @@ impl Inner {
         if rows == 0 || w.n == 0 {
             return Ok(());
         }
-        if let Some((scratch, params)) = self.mma_run(src, w, bias, rows, Some(&mut *out))? {
-            self.sum_splits(&scratch, w, bias, rows, out, &params)?;
+        if let Some(parts) = self.mma_run(src, w, bias, rows, Some(&mut *out))? {
+            self.sum_splits(&parts, w, bias, rows, out)?;
         }
         Ok(())
     }
@@ -735,18 +752,29 @@ impl Inner {
         Ok((parts, scale))
     }
 
-    /// The buffer for `splits` blocks of `len` partial products: none where they go straight to
-    /// the caller's output (`to_out`, one split).
-    fn partials(&self, to_out: bool, splits: usize, len: usize) -> Result<Option<GpuBuf>> {
+    /// Partials of `splits` blocks of `len` values in rows of `row` (plus `scales` values): none
+    /// where the products go straight to the caller's output (`to_out`, one split).
+    fn partials(
+        &self,
+        to_out: bool,
+        splits: usize,
+        [row, len, scales]: [usize; 3],
+    ) -> Result<Option<Partials>> {
         if to_out && splits == 1 {
             return Ok(None);
         }
-        self.buffer((splits * len * 4) as u64).map(Some)
+        let buf = self.buffer(((splits * len + scales) * 4) as u64)?;
+        Ok(Some(Partials {
+            buf,
+            splits,
+            row,
+            len,
+            scaled: scales > 0,
+        }))
     }
 
-    /// The split of x and the products: into `out` when k is not split, else into partials,
-    /// returned with matmul_sum's parameters (always, `out` being None: `splits` blocks of
-    /// (rows, n), without the bias).
+    /// The split of x and the products: into `out` when k is not split, else (always, `out`
+    /// being None) into partials, returned, without the bias.
     fn mma_run(
         &self,
         src: MmaSrc,
@@ -754,7 +782,7 @@ impl Inner {
         bias: Option<&GpuBuf>,
         rows: usize,
         out: Option<&mut GpuBuf>,
-    ) -> Result<Option<(GpuBuf, [u32; 16])>> {
+    ) -> Result<Option<Partials>> {
         let kp = 2 * w.row_words;
         let padded = rows.next_multiple_of(MMA_ROWS);
         let (parts, scale) = self.mma_split(src, w.k, kp, rows)?;
@@ -763,6 +791,8 @@ impl Inner {
         let (splits, k_per) = split_k(tiles, kp, MMA_K, 256);
         let bias = bias.filter(|_| out.is_some());
         let groups = tiles * splits;
+        // Partials hold whole tiles: padded rows, columns of whole tiles.
+        let np = tiles_n * MMA_COLS;
         let params = [
             u(rows)?,
             u(w.n)?,
@@ -779,19 +809,15 @@ impl Inner {
             0,
             0,
             0,
-            0,
+            u(np)?,
         ];
-        let scratch = self.partials(out.is_some(), splits, rows * w.n)?;
-        let Some(target) = scratch.as_ref().or(out.as_deref()).map(GpuBuf::raw) else {
-            return Err(err("products without an output"));
-        };
-        let binds = [
-            (1, parts.raw()),
-            (2, w.buf.raw()),
-            (3, scale.raw()),
-            (4, self.opt(bias)),
-            (5, target),
-        ];
+        let scratch = self.partials(out.is_some(), splits, [np, padded * np, padded])?;
+        let mut binds = vec![(1, parts.raw()), (2, w.buf.raw()), (3, scale.raw())];
+        match (&scratch, out) {
+            (Some(s), _) => binds.push((5, s.buf.raw())),
+            (None, Some(o)) => binds.extend([(4, self.opt(bias)), (5, o.raw())]),
+            (None, None) => return Err(err("products without an output")),
+        }
         self.dispatch(
             shader::MMA,
             "mma",
@@ -799,31 +825,34 @@ impl Inner {
                 ("COOP", 1),
                 ("F8", self.coop_f8 as u32),
                 ("SG", self.subgroup),
+                ("DIRECT", scratch.is_some() as u32),
             ],
             &params,
             &binds,
             u(groups)?,
         )?;
-        Ok(scratch.map(|b| (b, params)))
+        Ok(scratch)
     }
 
-    /// Split-K partials (`splits` blocks of (rows, n) in `scratch`) summed into `out`, plus the
-    /// bias; `params` in matmul.wgsl's layout.
+    /// Split-K partials summed into `out` (rows, n), plus the bias.
     fn sum_splits(
         &self,
-        scratch: &GpuBuf,
+        parts: &Partials,
         w: &GpuWeight,
         bias: Option<&GpuBuf>,
         rows: usize,
         out: &mut GpuBuf,
-        params: &[u32],
     ) -> Result<()> {
-        let binds = [(1, scratch.raw()), (3, self.opt(bias)), (4, out.raw())];
+        let mut params = [0u32; 12];
+        params[..2].copy_from_slice(&[u(rows)?, u(w.n)?]);
+        params[4] = bias.is_some() as u32;
+        params[8..11].copy_from_slice(&[u(parts.splits)?, u(parts.row)?, u(parts.len)?]);
+        let binds = [(1, parts.buf.raw()), (3, self.opt(bias)), (4, out.raw())];
         self.dispatch(
             shader::MATMUL,
             "matmul_sum",
-            &[(w.kind.define(), 1)],
-            params,
+            &[(w.kind.define(), 1), ("SCALED", parts.scaled as u32)],
+            &params,
             &binds,
             u((rows * w.n).div_ceil(256))?,
         )
@@ -1010,9 +1039,8 @@ impl Inner {
         )
     }
 
-    /// matmul.wgsl's tiled products: into `out` when k is not split, else into partials, returned
-    /// with matmul_sum's parameters (always, `out` being None: `splits` blocks of (rows, n),
-    /// without the bias).
+    /// matmul.wgsl's tiled products: into `out` when k is not split, else (always, `out` being
+    /// None) into partials, returned, without the bias.
     fn tiled_run(
         &self,
         x: &GpuBuf,
@@ -1020,7 +1048,7 @@ impl Inner {
         bias: Option<&GpuBuf>,
         rows: usize,
         out: Option<&mut GpuBuf>,
-    ) -> Result<Option<(GpuBuf, [u32; 12])>> {
+    ) -> Result<Option<Partials>> {
         let define = w.kind.define();
         // 128x128 tiles where there are rows enough to fill them; 64x64 below (decode batches).
         let (entry, tile) = if rows > 64 {
@@ -1053,9 +1081,11 @@ impl Inner {
         ];
         let native = (w.kind == WeightKind::F16 && self.f16) as u32;
         let defines = [(define, 1), ("F16_NATIVE", native)];
-        let scratch = self.partials(out.is_some(), splits, rows * w.n)?;
-        let Some(target) = scratch.as_ref().or(out.as_deref()).map(GpuBuf::raw) else {
-            return Err(err("products without an output"));
+        let scratch = self.partials(out.is_some(), splits, [w.n, rows * w.n, 0])?;
+        let target = match (&scratch, out) {
+            (Some(s), _) => s.buf.raw(),
+            (None, Some(o)) => o.raw(),
+            (None, None) => return Err(err("products without an output")),
         };
         let binds = [
             (1, x.raw()),
@@ -1064,18 +1094,16 @@ impl Inner {
             (4, target),
         ];
         self.dispatch(shader::MATMUL, entry, &defines, &params, &binds, u(groups)?)?;
-        Ok(scratch.map(|b| (b, params)))
+        Ok(scratch)
     }
 
-    /// The conv update of a decode pass (conv.wgsl's conv_update) from in_proj's output, or with
-    /// `splits > 0` from its split-K partials: then `out` receives all of zxbcdt, summed, with
-    /// the xBC columns convolved in place.
-    #[allow(clippy::too_many_arguments)]
+    /// The conv update of a decode pass (conv.wgsl's conv_update) from in_proj's output, or from
+    /// its split-K partials: then `out` receives all of zxbcdt, summed, with the xBC columns
+    /// convolved in place.
     fn conv_step(
         &self,
         p: &Params<Wgpu>,
-        src: &GpuBuf,
-        splits: usize,
+        src: InProj,
         dec: &Decode<Wgpu>,
         pool: &mut GpuBuf,
         inter: Option<&mut GpuBuf>,
@@ -1083,7 +1111,11 @@ impl Inner {
     ) -> Result<()> {
         let cfg = &p.cfg;
         let (cd, dip) = (cfg.conv_dim(), cfg.d_in_proj());
-        let n = dec.requests() * if splits > 0 { dip } else { cd };
+        let parts = match src {
+            InProj::Parts(q) => Some(q),
+            InProj::Out(_) => None,
+        };
+        let n = dec.requests() * if parts.is_some() { dip } else { cd };
         let params = [
             u(dec.rows())?,
             u(cd)?,
@@ -1095,10 +1127,14 @@ impl Inner {
             0,
             u(dec.stride)?,
             p.in_proj_bias.is_some() as u32,
-            0,
-            0,
+            u(parts.map_or(0, |q| q.row))?,
+            u(parts.map_or(0, |q| q.len))?,
         ];
         let saved = inter.map_or(self.dummy_rw.raw(), |b| b.raw());
+        let src = match src {
+            InProj::Parts(q) => &q.buf,
+            InProj::Out(b) => b,
+        };
         let mut binds = vec![
             (1, src.raw()),
             (2, p.conv_weight.raw()),
@@ -1108,7 +1144,7 @@ impl Inner {
             (8, dec.dev.raw()),
             (9, saved),
         ];
-        if splits > 0 {
+        if parts.is_some() {
             binds.push((10, self.opt(p.in_proj_bias.as_ref())));
         }
         let [dc, rb] = conv_defines(cfg.d_conv)?;
@@ -1116,8 +1152,9 @@ impl Inner {
             shader::CONV,
             "conv_update",
             &[
-                ("PARTS", (splits > 0) as u32),
-                ("SPLITS", u(splits)?),
+                ("PARTS", parts.is_some() as u32),
+                ("SPLITS", u(parts.map_or(0, |q| q.splits))?),
+                ("SCALED", parts.is_some_and(|q| q.scaled) as u32),
                 dc,
                 rb,
             ],
@@ -1156,22 +1193,17 @@ fn decode_rows(
     let (inter_conv, inter_ssm) = split(inter);
     let w = &p.in_proj;
     let run = if w.mma {
-        let src = MmaSrc::Plain(hidden);
-        b.mma_run(src, w, None, rows, None)?
-            .map(|(buf, q)| (buf, q[8]))
+        b.mma_run(MmaSrc::Plain(hidden), w, None, rows, None)?
     } else {
         b.tiled_run(hidden, w, None, rows, None)?
-            .map(|(buf, q)| (buf, q[8]))
     };
-    let Some((partials, splits)) = run else {
+    let Some(partials) = run else {
         return Err(err("decode: in_proj's partials are missing"));
     };
-    let splits = splits as usize;
     let mut zxbcdt = b.alloc(rows * cfg.d_in_proj())?;
     b.conv_step(
         p,
-        &partials,
-        splits,
+        InProj::Parts(&partials),
         dec,
         &mut pool.conv,
         inter_conv,
@@ -1527,8 +1559,8 @@ impl Backend for Wgpu {
         if w.mma {
             return self.mma(MmaSrc::Plain(x), w, bias, rows, out);
         }
-        if let Some((scratch, params)) = self.tiled_run(x, w, bias, rows, Some(&mut *out))? {
-            self.sum_splits(&scratch, w, bias, rows, out, &params)?;
+        if let Some(parts) = self.tiled_run(x, w, bias, rows, Some(&mut *out))? {
+            self.sum_splits(&parts, w, bias, rows, out)?;
         }
         Ok(())
     }
@@ -1615,7 +1647,7 @@ impl Backend for Wgpu {
         inter: Option<&mut GpuBuf>,
         xbc: &mut GpuBuf,
     ) -> Result<()> {
-        self.conv_step(p, zxbcdt, 0, dec, pool, inter, xbc)
+        self.conv_step(p, InProj::Out(zxbcdt), dec, pool, inter, xbc)
     }
 
     fn ssd_scan(

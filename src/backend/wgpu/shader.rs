@@ -85,13 +85,22 @@ mod tests {
     #[test]
     fn the_cooperative_matrix_kernels_compile() {
         use wgpu::naga;
-        for (split, gate, f8, sg) in [(0, 0, 0, 32), (0, 0, 1, 8), (1, 0, 0, 0), (1, 1, 0, 0)] {
+        let cases = [
+            (0, 0, 0, 32, 0),
+            (0, 0, 0, 32, 1),
+            (0, 0, 1, 8, 0),
+            (0, 0, 1, 8, 1),
+            (1, 0, 0, 0, 0),
+            (1, 1, 0, 0, 0),
+        ];
+        for (split, gate, f8, sg, direct) in cases {
             let defines = [
                 ("SPLIT", split),
                 ("GATE", gate),
                 ("COOP", 1),
                 ("F8", f8),
                 ("SG", sg),
+                ("DIRECT", direct),
                 ("ST", 256),
                 ("NV", 3),
             ];
