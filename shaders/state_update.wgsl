@@ -1,5 +1,5 @@
 // The decode recurrence: each request's tokens in order on its slot's ssm state. One workgroup per
-// (request, head, 8 x RPW rows p of the state); 32 lanes per row, each holding columns lane + 32 i
+// (request, head, WARPS x RPW rows p of the state); 32 lanes per row, each holding columns lane + 32 i
 // (d_state <= 256) in two vec4 registers, or (V4: d_state a multiple of 4, so that rows start on
 // whole vectors) columns 4 lane .. 4 lane + 3 and 128 + those, read and written as vectors (2.7b
 // on the H200: batch 64 136 to 133 us, batch 16 of 1+3 tokens 90 to 85); RPW rows per warp (big
@@ -58,9 +58,8 @@ struct Params {
 #endif
 @group(0) @binding(11) var<storage, read_write> y: array<f32>;
 
-const WG: u32 = 256u;
 const LANES: u32 = 32u;
-const WARPS: u32 = WG / LANES;
+const WG: u32 = WARPS * LANES;
 // State rows (p) per workgroup: RPW per warp.
 const ROWS: u32 = WARPS * RPW;
 
@@ -157,7 +156,7 @@ fn lane_sum(v: f32, t: u32, lane: u32, width: u32) -> f32 {
     return total;
 }
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn state_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
 #if SUBGROUPS
                 @builtin(subgroup_size) width: u32,
