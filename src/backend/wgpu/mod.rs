@@ -102,7 +102,8 @@ impl Drop for GpuBuf {
 /// are few (2.7b batch 1, 640 of them: more rows per warp measured slower), two or four for
 /// batches. H200, 2.7b batch 64 (40960 of them): 132.0 us with one, 120.6 with two, 109.6 with
 /// four, 123.0 with eight; batch 16 of 1+3 tokens (10240): 75.6 with two, 72.7 with four, 85.2
-/// with eight (since the columns past 128 are a define; before it two were best).
+/// with eight (since the columns past 128 are a define; before it two were best). Measured with 8
+/// warps a workgroup; with 2 (`update_warps`), four still beat eight at batch 64 (98.9 against 103.3).
 fn rows_per_warp(requests: usize, nh: usize, hd: usize) -> usize {
     match requests * nh * hd.div_ceil(8) {
         n if n > 8192 => 4,
