@@ -9,7 +9,8 @@
 //               from the slot's state; the final state back to the slot, snapshots on the way;
 //   ssd_mm MODE_OUT     per (chunk, head):
 //               y_m = exp(dA_m) C_m . s_in + sum_{k<=m} CB[m,k] exp(dA_m - dA_k) dt_k x_k + D x_m.
-// The three products share one tiled kernel: 128x64 outputs per workgroup, 256 threads of 8x4.
+// The three products share one tiled kernel (defined with THREADS): THREADS / 2 x 64 outputs per
+// workgroup, THREADS threads of 8x4.
 
 struct Params {
     rows: u32,
@@ -182,16 +183,20 @@ fn ssd_pass(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     }
 }
 
-const TI: u32 = 128u;  // output rows per workgroup
-const TJ: u32 = 64u;   // output columns per workgroup
-const WK: u32 = 16u;   // k per step through workgroup memory
+#if THREADS
+const TH: u32 = THREADS;  // threads of 8x4 outputs
+const TI: u32 = TH / 2u;  // output rows per workgroup
+const TJ: u32 = 64u;      // output columns per workgroup
+const WK: u32 = 16u;      // k per step through workgroup memory
 // vec4s per k row of the operand tiles, one more than the rows need against bank conflicts.
-const AROW: u32 = 33u;
+const AROW: u32 = TI / 4u + 1u;
 const BROW: u32 = 17u;
+// A thread's second block of four rows.
+const HALF: u32 = TI / 2u;
 
-var<workgroup> at: array<vec4<f32>, 528>;  // (WK, AROW): A's rows i at each k, four to a vec4
-var<workgroup> bt: array<vec4<f32>, 272>;  // (WK, BROW): B's columns j at each k
-var<workgroup> cum_i: array<f32, 128>;     // MODE_OUT: dA of the tile's rows
+var<workgroup> at: array<vec4<f32>, WK * AROW>;  // (WK, AROW): A's rows i at each k, four to a vec4
+var<workgroup> bt: array<vec4<f32>, WK * BROW>;  // (WK, BROW): B's columns j at each k
+var<workgroup> cum_i: array<f32, TI>;            // MODE_OUT: dA of the tile's rows
 
 // What one workgroup computes: chunk c, head h (group g), the tile's first output row i0 and
 // column j0, the chunk's first row r0 and its length.
@@ -287,8 +292,8 @@ fn fill(t: Tile, k0: u32, kn: u32, th: u32) {
     let i = th % TI;
     let ch = t.g * cpg + t.i0 + i;  // h * hd + p
     let h = ch / p.hd;
-    for (var e = 0u; e < TI * WK / 256u; e++) {
-        let kk = th / TI + e * (256u / TI);
+    for (var e = 0u; e < TI * WK / TH; e++) {
+        let kk = th / TI + e * (TH / TI);
         let r = t.r0 + k0 + kk;
         var v = 0.0;
         if (k0 + kk < kn && t.i0 + i < cpg) {
@@ -297,8 +302,8 @@ fn fill(t: Tile, k0: u32, kn: u32, th: u32) {
         at[kk * AROW + i / 4u][i % 4u] = v;
     }
     let j = th % TJ;
-    for (var e = 0u; e < TJ * WK / 256u; e++) {
-        let kk = th / TJ + e * (256u / TJ);
+    for (var e = 0u; e < TJ * WK / TH; e++) {
+        let kk = th / TJ + e * (TH / TJ);
         var v = 0.0;
         if (k0 + kk < kn && t.j0 + j < p.ds) {
             v = b_at(t.r0 + k0 + kk, t.g, t.j0 + j);
@@ -308,8 +313,8 @@ fn fill(t: Tile, k0: u32, kn: u32, th: u32) {
 }
 #else
 // A's and B's elements per thread and step (8 and 4: Raw holds them as 2 and 1 vec4).
-const NA: u32 = TI * WK / 256u;
-const NB: u32 = TJ * WK / 256u;
+const NA: u32 = TI * WK / TH;
+const NB: u32 = TJ * WK / TH;
 
 // CB and OUT: a step's operands as loaded (fetch) apart from their arithmetic and their stores into
 // workgroup memory (put), so that the next step's loads are in flight while this step runs its
@@ -320,9 +325,25 @@ const NB: u32 = TJ * WK / 256u;
 struct Raw {
     a0: vec4<f32>,
     a1: vec4<f32>,
-    b: vec4<f32>,
+    b0: vec4<f32>,
+    b1: vec4<f32>,
     ck: f32,
     dk: f32,
+}
+
+fn set_b(w: ptr<function, Raw>, e: u32, v: f32) {
+    if (e < 4u) {
+        (*w).b0[e] = v;
+    } else {
+        (*w).b1[e - 4u] = v;
+    }
+}
+
+fn get_b(w: Raw, e: u32) -> f32 {
+    if (e < 4u) {
+        return w.b0[e];
+    }
+    return w.b1[e - 4u];
 }
 
 fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32) -> Raw {
@@ -336,7 +357,7 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32) -> Raw {
     }
 #endif
     for (var e = 0u; e < NA; e++) {
-        let i = th / WK + e * (256u / WK);
+        let i = th / WK + e * (TH / WK);
         let ci = t.i0 + i;
         var v = 0.0;
         if (k < kn && ci < t.len) {
@@ -360,18 +381,18 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32) -> Raw {
     if (phase == 1u) {
         let j = th % TJ;
         for (var e = 0u; e < NB; e++) {
-            let kj = th / TJ + e * (256u / TJ);
+            let kj = th / TJ + e * (TH / TJ);
             var v = 0.0;
             if (k0 + kj < kn && t.j0 + j < p.hd) {
                 v = xbc[(t.r0 + k0 + kj) * p.cd + t.h * p.hd + t.j0 + j];
             }
-            w.b[e] = v;
+            set_b(&w, e, v);
         }
         return w;
     }
 #endif
     for (var e = 0u; e < NB; e++) {
-        let j = th / WK + e * (256u / WK);
+        let j = th / WK + e * (TH / WK);
         let cj = t.j0 + j;
         var v = 0.0;
 #if MODE_OUT
@@ -384,7 +405,7 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32) -> Raw {
             v = b_at(t.r0 + cj, t.g, k);
         }
 #endif
-        w.b[e] = v;
+        set_b(&w, e, v);
     }
     return w;
 }
@@ -393,7 +414,7 @@ fn put(t: Tile, phase: u32, k0: u32, kn: u32, th: u32, w: Raw) {
     let kk = th % WK;
     let k = k0 + kk;
     for (var e = 0u; e < NA; e++) {
-        let i = th / WK + e * (256u / WK);
+        let i = th / WK + e * (TH / WK);
         var v = w.a1[e % 4u];
         if (e < 4u) {
             v = w.a0[e];
@@ -414,15 +435,15 @@ fn put(t: Tile, phase: u32, k0: u32, kn: u32, th: u32, w: Raw) {
     if (phase == 1u) {
         let j = th % TJ;
         for (var e = 0u; e < NB; e++) {
-            let kj = th / TJ + e * (256u / TJ);
-            bt[kj * BROW + j / 4u][j % 4u] = w.b[e];
+            let kj = th / TJ + e * (TH / TJ);
+            bt[kj * BROW + j / 4u][j % 4u] = get_b(w, e);
         }
         return;
     }
 #endif
     for (var e = 0u; e < NB; e++) {
-        let j = th / WK + e * (256u / WK);
-        bt[kk * BROW + j / 4u][j % 4u] = w.b[e];
+        let j = th / WK + e * (TH / WK);
+        bt[kk * BROW + j / 4u][j % 4u] = get_b(w, e);
     }
 }
 #endif
@@ -459,7 +480,7 @@ fn store4(t: Tile, i: u32, j: u32, v: vec4<f32>) {
     }
 }
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(TH, 1, 1)
 fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>) {
     let gid = wid.x + wid.y * nwg.x;
@@ -472,7 +493,7 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
     let th = lid.x;
     let tx = th % 16u;  // columns tx*4..tx*4+3
-    let ty = th / 16u;  // rows ty*4..ty*4+3 and 64+ty*4..64+ty*4+3
+    let ty = th / 16u;  // rows ty*4..ty*4+3 and HALF+ty*4..HALF+ty*4+3
 #if MODE_OUT
     if (th < TI) {
         var v = 0.0;
@@ -513,7 +534,7 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             // Per k: 3 vector reads of workgroup memory for 32 FMAs.
             for (var kk = 0u; kk < WK; kk++) {
                 let a0 = at[kk * AROW + ty];
-                let a1 = at[kk * AROW + 16u + ty];
+                let a1 = at[kk * AROW + HALF / 4u + ty];
                 let b = bt[kk * BROW + tx];
                 c0 = fma(vec4<f32>(a0.x), b, c0);
                 c1 = fma(vec4<f32>(a0.y), b, c1);
@@ -533,10 +554,10 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             c1 *= exp(cum_i[ty * 4u + 1u]);
             c2 *= exp(cum_i[ty * 4u + 2u]);
             c3 *= exp(cum_i[ty * 4u + 3u]);
-            c4 *= exp(cum_i[64u + ty * 4u]);
-            c5 *= exp(cum_i[64u + ty * 4u + 1u]);
-            c6 *= exp(cum_i[64u + ty * 4u + 2u]);
-            c7 *= exp(cum_i[64u + ty * 4u + 3u]);
+            c4 *= exp(cum_i[HALF + ty * 4u]);
+            c5 *= exp(cum_i[HALF + ty * 4u + 1u]);
+            c6 *= exp(cum_i[HALF + ty * 4u + 2u]);
+            c7 *= exp(cum_i[HALF + ty * 4u + 3u]);
         }
 #endif
     }
@@ -544,8 +565,9 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     store4(t, ty * 4u + 1u, tx * 4u, c1);
     store4(t, ty * 4u + 2u, tx * 4u, c2);
     store4(t, ty * 4u + 3u, tx * 4u, c3);
-    store4(t, 64u + ty * 4u, tx * 4u, c4);
-    store4(t, 64u + ty * 4u + 1u, tx * 4u, c5);
-    store4(t, 64u + ty * 4u + 2u, tx * 4u, c6);
-    store4(t, 64u + ty * 4u + 3u, tx * 4u, c7);
+    store4(t, HALF + ty * 4u, tx * 4u, c4);
+    store4(t, HALF + ty * 4u + 1u, tx * 4u, c5);
+    store4(t, HALF + ty * 4u + 2u, tx * 4u, c6);
+    store4(t, HALF + ty * 4u + 3u, tx * 4u, c7);
 }
+#endif
