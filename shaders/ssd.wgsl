@@ -312,7 +312,7 @@ fn fill(t: Tile, k0: u32, kn: u32, th: u32) {
     }
 }
 #else
-// A's and B's elements per thread and step (8 and 4: Raw holds them as 2 and 1 vec4).
+// A's and B's elements per thread and step (8, and 4 or 8 with 256 or 128 threads).
 const NA: u32 = TI * WK / TH;
 const NB: u32 = TJ * WK / TH;
 
@@ -320,8 +320,8 @@ const NB: u32 = TJ * WK / TH;
 // workgroup memory (put), so that the next step's loads are in flight while this step runs its
 // products (H200 1x8192: OUT 1409 -> 1245 us, CB 37 -> 35). Consecutive threads read consecutive
 // addresses: along k for operands stored by i or j (C and B rows in CB, C and the states in OUT
-// phase 0, CB in phase 1), along j for x (OUT phase 1). a0, a1: A's 8 elements of the thread, b:
-// B's 4; ck, dk: OUT phase 1's dA_k and dt_k.
+// phase 0, CB in phase 1), along j for x (OUT phase 1). a0, a1: A's 8 elements of the thread; b0,
+// b1: B's NB (set_b, get_b); ck, dk: OUT phase 1's dA_k and dt_k.
 struct Raw {
     a0: vec4<f32>,
     a1: vec4<f32>,
