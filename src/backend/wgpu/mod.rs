@@ -43,6 +43,24 @@ fn err(msg: impl Into<String>) -> Error {
     }
 }
 
+/// One of the shader files (`matmul`, `mma`, `matvec`, `conv`, `ssd`, `state_update`,
+/// `gated_norm`) expanded under `defines` as its pipelines build it, for tools that compile the
+/// kernels on their own (`examples/pipeline_stats.rs`).
+pub fn shader_source(name: &str, defines: &[(&str, u32)]) -> Option<String> {
+    let all = [
+        shader::MATMUL,
+        shader::MMA,
+        shader::MATVEC,
+        shader::CONV,
+        shader::SSD,
+        shader::STATE_UPDATE,
+        shader::GATED_NORM,
+    ];
+    all.iter()
+        .find(|s| s.0 == name)
+        .map(|s| shader::expand(s.1, defines))
+}
+
 /// Which optional adapter features to use when present (tests turn them off to run the
 /// fallbacks).
 #[derive(Debug, Clone, Copy)]
