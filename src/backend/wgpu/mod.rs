@@ -1146,9 +1146,9 @@ impl Inner {
     ) -> Result<()> {
         let cfg = &p.cfg;
         let (cd, dip) = (cfg.conv_dim(), cfg.d_in_proj());
-        let parts = match src {
-            InProj::Parts(q) => Some(q),
-            InProj::Out(_) => None,
+        let (src, parts) = match src {
+            InProj::Parts(q) => (&q.buf, Some(q)),
+            InProj::Out(b) => (b, None),
         };
         let n = dec.requests() * if parts.is_some() { dip } else { cd };
         let params = [
@@ -1166,10 +1166,6 @@ impl Inner {
             u(parts.map_or(0, |q| q.len))?,
         ];
         let saved = inter.map_or(self.dummy_rw.raw(), |b| b.raw());
-        let src = match src {
-            InProj::Parts(q) => &q.buf,
-            InProj::Out(b) => b,
-        };
         let mut binds = vec![
             (1, src.raw()),
             (2, p.conv_weight.raw()),
