@@ -2092,7 +2092,10 @@ mod tests {
                         .map(|c| want[r * di + c].abs())
                         .fold(0.0, f64::max);
                     for c in 0..kp {
-                        let (hi, lo) = (r * kp / 2 + c / 2, (padded + r) * kp / 2 + c / 2);
+                        // Blocks of one row tile by MMA_K values: its hi rows, then its lo rows.
+                        let block = r / MMA_ROWS * (kp / MMA_K) + c / MMA_K;
+                        let hi = (block * 2 * MMA_ROWS + r % MMA_ROWS) * MMA_K / 2 + c % MMA_K / 2;
+                        let lo = hi + MMA_ROWS * MMA_K / 2;
                         let v = (half(hi, c) + half(lo, c)) / got[1][r] as f64;
                         let w = if r < rows && c < di {
                             want[r * di + c]
