@@ -64,6 +64,16 @@ fn big_config() -> MixerConfig {
     .unwrap()
 }
 
+/// A layer whose scan products have whole tiles (trial 1): two heads of 64 in one group, d_state
+/// 128, chunks of 256, so that the kernels' paths without bounds checks run too.
+fn whole_config() -> MixerConfig {
+    MixerConfig::from_json(
+        r#"{"d_model": 128, "expand": 1, "headdim": 64, "ngroups": 1, "d_state": 128,
+            "d_conv": 4, "chunk_size": 256, "rmsnorm": true}"#,
+    )
+    .unwrap()
+}
+
 /// cu_seqlens, the slot of each sequence, and the snapshots (sequence, position, entry).
 type Packing = (Vec<i32>, Vec<i32>, Vec<(usize, usize, usize)>);
 
@@ -97,10 +107,10 @@ fn random_pack(r: &mut rand_chacha::ChaCha8Rng, slots: usize, long: bool) -> Pac
 fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
     for trial in 0..trials {
         let mut r = rng(900 + trial);
-        let cfg = if trial == 0 {
-            big_config()
-        } else {
-            random_config(&mut r)
+        let cfg = match trial {
+            0 => big_config(),
+            1 => whole_config(),
+            _ => random_config(&mut r),
         };
         let label = format!("trial {trial} ({})", serde_json::to_string(&cfg).unwrap());
         let ty = *[FloatType::F32, FloatType::F16, FloatType::Bf16]
@@ -166,7 +176,7 @@ fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
         // conv and ssd_scan over a random packing, starting from random pools; trial 0 has slots
         // enough for a decode batch that the update runs with several state rows per warp.
         let slots = if trial == 0 { 64 } else { 4 };
-        let (cu, seq_slots, snaps) = random_pack(&mut r, slots, trial == 0);
+        let (cu, seq_slots, snaps) = random_pack(&mut r, slots, trial < 2);
         let rows = cu[cu.len() - 1] as usize;
         let zx = randn(&mut r, rows * dip, 1.0);
         let xbc_in = randn(&mut r, rows * cd, 1.0);
