@@ -513,7 +513,7 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     if (idle(t)) {
         return;
     }
-    let full = FULL != 0u && is_full(t);
+    let full = is_full(t);
     let th = lid.x;
     let tx = th % 16u;  // columns tx*4..tx*4+3
     let ty = th / 16u;  // rows ty*4..ty*4+3 and HALF+ty*4..HALF+ty*4+3

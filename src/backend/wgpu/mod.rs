@@ -1768,21 +1768,13 @@ impl Backend for Wgpu {
         )?;
         groups(
             "ssd_mm",
-            &[
-                ("MODE_CB", 1),
-                ("THREADS", u(t_cb)?),
-                ("FULL", std::env::var("NOFULL").is_err() as u32),
-            ],
+            &[("MODE_CB", 1), ("THREADS", u(t_cb)?)],
             chunks * ng * ti(q, t_cb) * tj(q),
             &[2, 9, 13],
         )?;
         groups(
             "ssd_mm",
-            &[
-                ("MODE_STATES", 1),
-                ("THREADS", u(t_st)?),
-                ("FULL", std::env::var("NOFULL").is_err() as u32),
-            ],
+            &[("MODE_STATES", 1), ("THREADS", u(t_st)?)],
             chunks * ng * ti(nh / ng * hd, t_st) * tj(ds),
             &[2, 4, 9, 14],
         )?;
@@ -1797,11 +1789,7 @@ impl Backend for Wgpu {
         )?;
         groups(
             "ssd_mm",
-            &[
-                ("MODE_OUT", 1),
-                ("THREADS", u(t_out)?),
-                ("FULL", std::env::var("NOFULL").is_err() as u32),
-            ],
+            &[("MODE_OUT", 1), ("THREADS", u(t_out)?)],
             chunks * nh * ti(q, t_out) * tj(hd),
             &[2, 3, 9, 11, 12, 13, 14, 17],
         )
