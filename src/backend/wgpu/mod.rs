@@ -29,8 +29,8 @@ const CONV_ROWS: usize = 8;
 /// ssd.wgsl's tiles: ssd_mm's threads per workgroup for C B^T, the chunk states and the chunk
 /// outputs (half as many output rows, 64 columns), ssd_dt's heads per workgroup. H200, 2.7b
 /// 1x8192: chunk outputs 1246 us with 256 threads, 1145 with 128 (130m: 411, 380); C B^T 34.6,
-/// 32.6; the chunk states 600, 634 (130m: 199, 245).
-const SSD_THREADS: [usize; 3] = [128, 256, 128];
+/// 32.6; the chunk states 382, 352 since their loads have no branches (before: 600, 634).
+const SSD_THREADS: [usize; 3] = [128, 128, 128];
 const SSD_TJ: usize = 64;
 const SSD_DT_HEADS: usize = 8;
 /// Most workgroups along one dispatch dimension.
