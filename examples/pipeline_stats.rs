@@ -1,6 +1,7 @@
 //! What the Vulkan driver reports about one of our kernels once compiled (registers, local memory,
 //! instruction counts: whatever VK_KHR_pipeline_executable_properties gives on the device), for
-//! kernels whose speed depends on code generation that timings alone can't show.
+//! kernels whose speed depends on code generation that timings alone can't show. On NVIDIA's
+//! driver, `tools/nv_sass.py` disassembles the pipeline this builds (tools/README.md).
 //!
 //! ```sh
 //! cargo run --release --example pipeline_stats -- mma mma COOP=1 F8=0 SG=32 DIRECT=1

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""SASS of the Vulkan pipelines that NVIDIA's driver cached: nv_sass.py CACHE_DIR OUT_PREFIX
+
+Run a program (e.g. `examples/pipeline_stats`) with
+  __GL_SHADER_DISK_CACHE=1 __GL_SHADER_DISK_CACHE_SKIP_CLEANUP=1 __GL_SHADER_DISK_CACHE_PATH=CACHE_DIR
+and each compiled pipeline lands in CACHE_DIR as a `.bin` entry: zstd frames, one of which holds an
+"NVDANVVM" image whose header gives the machine code's size (u32 at 0x4c) and offset (u32 at 0x50,
+plus 8). This writes that code to OUT_PREFIX<n>.code and its disassembly (`nvdisasm -b SM90`, the
+H200's architecture; set NV_ARCH for another) to OUT_PREFIX<n>.sass. Needs `zstd` (or $ZSTD) and
+`nvdisasm` (or $NVDISASM, default /usr/local/cuda/bin/nvdisasm).
+"""
+import os
+import struct
+import subprocess
+import sys
+
+MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def images(data):
+    """The NVDANVVM images in the zstd frames of one cache entry."""
+    at = data.find(MAGIC)
+    while at >= 0:
+        out = subprocess.run([os.environ.get("ZSTD", "zstd"), "-d", "-c", "-q"], input=data[at:],
+                             capture_output=True).stdout
+        if out.startswith(b"NVDANVVM") and len(out) >= 0x58:
+            yield out
+        at = data.find(MAGIC, at + 4)
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    root, prefix = sys.argv[1], sys.argv[2]
+    nvdisasm = os.environ.get("NVDISASM", "/usr/local/cuda/bin/nvdisasm")
+    arch = os.environ.get("NV_ARCH", "SM90")
+    n = 0
+    for d, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            if not f.endswith(".bin"):
+                continue
+            for img in images(open(os.path.join(d, f), "rb").read()):
+                size, off = struct.unpack_from("<II", img, 0x4c)
+                code = img[off + 8:off + 8 + size]
+                path = f"{prefix}{n}"
+                open(path + ".code", "wb").write(code)
+                r = subprocess.run([nvdisasm, "-b", arch, path + ".code"], capture_output=True, text=True)
+                open(path + ".sass", "w").write(r.stdout + r.stderr)
+                print(f"{path}.sass: {size} bytes of code from {f}")
+                n += 1
+    if n == 0:
+        sys.exit(f"no NVDANVVM image under {root}")
+
+
+if __name__ == "__main__":
+    main()
