@@ -42,15 +42,28 @@ struct Params {
 @group(0) @binding(3) var<storage, read> heads: array<f32>;
 // (rows, nh): exp(dA_last - dA_r) dt_r, row r's weight in its chunk's own state; then (chunks, nh):
 // exp(dA_last), the decay over the whole chunk.
+// The products bind what they only read as read-only: the driver guards read-write loads with a
+// branch each (robust buffer access), read-only ones with a predicate.
+#if MODE_STATES
+@group(0) @binding(4) var<storage, read> decay: array<f32>;
+#else
 @group(0) @binding(4) var<storage, read_write> decay: array<f32>;
+#endif
 @group(0) @binding(7) var<storage, read> slots: array<i32>;
 @group(0) @binding(8) var<storage, read> seq_chunks: array<i32>;
 @group(0) @binding(9) var<storage, read> chunk_rows: array<i32>;
 @group(0) @binding(10) var<storage, read> snaps: array<i32>;
+#if MODE_OUT
+@group(0) @binding(11) var<storage, read> dt: array<f32>;
+@group(0) @binding(12) var<storage, read> cum: array<f32>;
+@group(0) @binding(13) var<storage, read> cb: array<f32>;
+@group(0) @binding(14) var<storage, read> states: array<f32>;
+#else
 @group(0) @binding(11) var<storage, read_write> dt: array<f32>;      // (rows, nh)
 @group(0) @binding(12) var<storage, read_write> cum: array<f32>;     // (rows, nh)
 @group(0) @binding(13) var<storage, read_write> cb: array<f32>;      // (chunks, ng, q, q)
 @group(0) @binding(14) var<storage, read_write> states: array<f32>;  // (chunks, nh, hd, ds)
+#endif
 @group(0) @binding(15) var<storage, read_write> pool: array<f32>;
 @group(0) @binding(16) var<storage, read_write> saved: array<f32>;
 @group(0) @binding(17) var<storage, read_write> y: array<f32>;
@@ -80,6 +93,10 @@ fn decay_or0(at: u32, ok: bool) -> f32 {
     return select(0.0, decay[select(0u, at, ok)], ok);
 }
 
+// ssd_dt and ssd_pass (ssd_mm's modules leave them out: there decay and the states may be bound
+// read-only).
+#if THREADS
+#else
 // ssd_dt: a workgroup per (chunk, DT_HEADS heads). A serial scan over a chunk's rows is a chain of
 // dependent loads and exps, so each head's rows are cut into DT_SEGS segments, scanned by a thread
 // each, then offset by the sums of the segments before them.
@@ -195,6 +212,7 @@ fn ssd_pass(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         pool[u32(slot) * p.nh * sl + e] = st;
     }
 }
+#endif
 
 #if THREADS
 const TH: u32 = THREADS;  // threads of 8x4 outputs
@@ -378,19 +396,32 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32, checked: bool) -> Raw {
         w.dk = dt[(t.r0 + k) * p.nh + t.h];
     }
 #endif
+    // The thread's elements are TH / WK rows (of A) or columns (of B) apart: their addresses are
+    // the first one's plus a multiple of a uniform stride.
+    let i0 = t.i0 + th / WK;
+#if MODE_OUT
+    var a0 = c_idx(t.r0 + i0, t.g, k);
+    var da = (TH / WK) * p.cd;
+    if (phase == 1u) {
+        a0 = ((t.c * p.ng + t.g) * p.q + i0) * p.q + k;
+        da = (TH / WK) * p.q;
+    }
+#else
+    let a0 = c_idx(t.r0 + i0, t.g, k);
+    let da = (TH / WK) * p.cd;
+#endif
     for (var e = 0u; e < NA; e++) {
-        let i = th / WK + e * (TH / WK);
-        let ci = t.i0 + i;
+        let ci = i0 + e * (TH / WK);
         var v = 0.0;
         if (!checked || (k < kn && ci < t.len)) {
 #if MODE_OUT
             if (phase == 0u) {
-                v = xbc[c_idx(t.r0 + ci, t.g, k)];
+                v = xbc[a0 + e * da];
             } else if (k <= ci) {
-                v = cb[((t.c * p.ng + t.g) * p.q + ci) * p.q + k];
+                v = cb[a0 + e * da];
             }
 #else
-            v = xbc[c_idx(t.r0 + ci, t.g, k)];
+            v = xbc[a0 + e * da];
 #endif
         }
         if (e < 4u) {
@@ -402,29 +433,38 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32, checked: bool) -> Raw {
 #if MODE_OUT
     if (phase == 1u) {
         let j = th % TJ;
+        let kj0 = k0 + th / TJ;
+        let b0 = (t.r0 + kj0) * p.cd + t.h * p.hd + t.j0 + j;
         for (var e = 0u; e < NB; e++) {
-            let kj = th / TJ + e * (TH / TJ);
+            let kj = kj0 + e * (TH / TJ);
             var v = 0.0;
-            if (!checked || (k0 + kj < kn && t.j0 + j < p.hd)) {
-                v = xbc[(t.r0 + k0 + kj) * p.cd + t.h * p.hd + t.j0 + j];
+            if (!checked || (kj < kn && t.j0 + j < p.hd)) {
+                v = xbc[b0 + e * (TH / TJ) * p.cd];
             }
             set_b(&w, e, v);
         }
         return w;
     }
 #endif
+    let j0 = t.j0 + th / WK;
+#if MODE_OUT
+    // The state entering the chunk, (p, s) at (j, k).
+    let b0 = ((t.c * p.nh + t.h) * p.hd + j0) * p.ds + k;
+    let db = (TH / WK) * p.ds;
+#else
+    let b0 = b_idx(t.r0 + j0, t.g, k);
+    let db = (TH / WK) * p.cd;
+#endif
     for (var e = 0u; e < NB; e++) {
-        let j = th / WK + e * (TH / WK);
-        let cj = t.j0 + j;
+        let cj = j0 + e * (TH / WK);
         var v = 0.0;
 #if MODE_OUT
-        // The state entering the chunk, (p, s) at (j, k).
         if (!checked || (k < kn && cj < p.hd)) {
-            v = states[((t.c * p.nh + t.h) * p.hd + cj) * p.ds + k];
+            v = states[b0 + e * db];
         }
 #else
         if (!checked || (k < kn && cj < t.len)) {
-            v = xbc[b_idx(t.r0 + cj, t.g, k)];
+            v = xbc[b0 + e * db];
         }
 #endif
         set_b(&w, e, v);
