@@ -40,10 +40,10 @@ struct Params {
 @group(0) @binding(2) var<storage, read> xbc: array<f32>;
 // dt_bias (nh) | A_log (nh) | D (nh, or nh * hd with d_hdim)
 @group(0) @binding(3) var<storage, read> heads: array<f32>;
-// (rows, nh): exp(dA_last - dA_r) dt_r, row r's weight in its chunk's own state; then (chunks, nh):
-// exp(dA_last), the decay over the whole chunk.
 // The products bind what they only read as read-only: the driver guards read-write loads with a
 // branch each (robust buffer access), read-only ones with a predicate.
+// decay: (rows, nh): exp(dA_last - dA_r) dt_r, row r's weight in its chunk's own state; then
+// (chunks, nh): exp(dA_last), the decay over the whole chunk.
 #if MODE_STATES
 @group(0) @binding(4) var<storage, read> decay: array<f32>;
 #else
@@ -54,10 +54,10 @@ struct Params {
 @group(0) @binding(9) var<storage, read> chunk_rows: array<i32>;
 @group(0) @binding(10) var<storage, read> snaps: array<i32>;
 #if MODE_OUT
-@group(0) @binding(11) var<storage, read> dt: array<f32>;
-@group(0) @binding(12) var<storage, read> cum: array<f32>;
-@group(0) @binding(13) var<storage, read> cb: array<f32>;
-@group(0) @binding(14) var<storage, read> states: array<f32>;
+@group(0) @binding(11) var<storage, read> dt: array<f32>;           // (rows, nh)
+@group(0) @binding(12) var<storage, read> cum: array<f32>;          // (rows, nh)
+@group(0) @binding(13) var<storage, read> cb: array<f32>;           // (chunks, ng, q, q)
+@group(0) @binding(14) var<storage, read> states: array<f32>;       // (chunks, nh, hd, ds)
 #else
 @group(0) @binding(11) var<storage, read_write> dt: array<f32>;      // (rows, nh)
 @group(0) @binding(12) var<storage, read_write> cum: array<f32>;     // (rows, nh)
