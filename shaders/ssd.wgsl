@@ -81,10 +81,11 @@ fn c_idx(r: u32, g: u32, s: u32) -> u32 {
     return r * p.cd + p.nh * p.hd + (p.ng + g) * p.ds + s;
 }
 
+#if MODE_STATES
 // The chunk states' loads without branches: an element outside the product reads index 0 and is
-// 0 (H200, 2.7b 1x8192: 611 us with an `if` around each load, 434 so; the driver puts each guarded
-// load in a branch region of its own). C B^T and the outputs keep the `if`s on tiles that need
-// checks (there the selects measured slower: outputs 1146 -> 1563 us).
+// 0 (H200, 2.7b 1x8192, 256 threads, every tile checked: 611 us with an `if` around each load, 434
+// so; the driver puts each guarded load in a branch region of its own). C B^T and the outputs keep
+// the `if`s on tiles that need checks (there the selects measured slower: outputs 1146 -> 1563).
 fn xbc_or0(at: u32, ok: bool) -> f32 {
     return select(0.0, xbc[select(0u, at, ok)], ok);
 }
@@ -92,6 +93,7 @@ fn xbc_or0(at: u32, ok: bool) -> f32 {
 fn decay_or0(at: u32, ok: bool) -> f32 {
     return select(0.0, decay[select(0u, at, ok)], ok);
 }
+#endif
 
 // ssd_dt and ssd_pass (ssd_mm's modules leave them out: there decay and the states may be bound
 // read-only).
@@ -297,8 +299,8 @@ fn idle(t: Tile) -> bool {
 }
 
 // Tiles whose operands lie inside the product at every step: their loads skip the bounds checks
-// (the same code with `checked` constant, so the driver drops the comparisons; H200, 2.7b 1x8192:
-// chunk states 611 -> 385 us, chunk outputs 1146 -> 1028, C B^T 33 -> 32).
+// (the same code with `checked` constant, so the driver drops the comparisons; H200, 2.7b 1x8192,
+// chunk states at 256 threads: 611 -> 385 us, chunk outputs 1146 -> 1028, C B^T 33 -> 32).
 fn is_full(t: Tile) -> bool {
 #if MODE_CB
     return t.i0 + TI <= t.len && t.j0 + TJ <= t.len && p.ds % WK == 0u;
@@ -332,7 +334,8 @@ fn k_extent(t: Tile, phase: u32) -> u32 {
 // MODE_STATES: operand A (TI rows i by WK: x weighted by the row's decay) into `at` and B (WK by
 // TJ columns j) into `bt`, zero outside the product, for k0 + kk; consecutive threads on
 // consecutive i or j (x and B are stored by k). Loaded and stored in one go: prefetching the next
-// step as CB and OUT do (fetch, put) measured slower here (H200 1x8192: 644 us against 601).
+// step as CB and OUT do (fetch, put) measured slower here (H200 1x8192: 644 us against 601, with
+// bounds checks as branches and 256 threads; not measured since).
 fn fill(t: Tile, k0: u32, kn: u32, th: u32, checked: bool) {
     let cpg = group_channels();
     let i = th % TI;
@@ -400,15 +403,15 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32, checked: bool) -> Raw {
     // the first one's plus a multiple of a uniform stride.
     let i0 = t.i0 + th / WK;
 #if MODE_OUT
-    var a0 = c_idx(t.r0 + i0, t.g, k);
-    var da = (TH / WK) * p.cd;
+    var a_at = c_idx(t.r0 + i0, t.g, k);
+    var a_step = (TH / WK) * p.cd;
     if (phase == 1u) {
-        a0 = ((t.c * p.ng + t.g) * p.q + i0) * p.q + k;
-        da = (TH / WK) * p.q;
+        a_at = ((t.c * p.ng + t.g) * p.q + i0) * p.q + k;
+        a_step = (TH / WK) * p.q;
     }
 #else
-    let a0 = c_idx(t.r0 + i0, t.g, k);
-    let da = (TH / WK) * p.cd;
+    let a_at = c_idx(t.r0 + i0, t.g, k);
+    let a_step = (TH / WK) * p.cd;
 #endif
     for (var e = 0u; e < NA; e++) {
         let ci = i0 + e * (TH / WK);
@@ -416,12 +419,12 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32, checked: bool) -> Raw {
         if (!checked || (k < kn && ci < t.len)) {
 #if MODE_OUT
             if (phase == 0u) {
-                v = xbc[a0 + e * da];
+                v = xbc[a_at + e * a_step];
             } else if (k <= ci) {
-                v = cb[a0 + e * da];
+                v = cb[a_at + e * a_step];
             }
 #else
-            v = xbc[a0 + e * da];
+            v = xbc[a_at + e * a_step];
 #endif
         }
         if (e < 4u) {
@@ -434,37 +437,37 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32, checked: bool) -> Raw {
     if (phase == 1u) {
         let j = th % TJ;
         let kj0 = k0 + th / TJ;
-        let b0 = (t.r0 + kj0) * p.cd + t.h * p.hd + t.j0 + j;
+        let x_at = (t.r0 + kj0) * p.cd + t.h * p.hd + t.j0 + j;
         for (var e = 0u; e < NB; e++) {
             let kj = kj0 + e * (TH / TJ);
             var v = 0.0;
             if (!checked || (kj < kn && t.j0 + j < p.hd)) {
-                v = xbc[b0 + e * (TH / TJ) * p.cd];
+                v = xbc[x_at + e * (TH / TJ) * p.cd];
             }
             set_b(&w, e, v);
         }
         return w;
     }
 #endif
-    let j0 = t.j0 + th / WK;
+    let jf = t.j0 + th / WK;
 #if MODE_OUT
     // The state entering the chunk, (p, s) at (j, k).
-    let b0 = ((t.c * p.nh + t.h) * p.hd + j0) * p.ds + k;
-    let db = (TH / WK) * p.ds;
+    let b_at = ((t.c * p.nh + t.h) * p.hd + jf) * p.ds + k;
+    let b_step = (TH / WK) * p.ds;
 #else
-    let b0 = b_idx(t.r0 + j0, t.g, k);
-    let db = (TH / WK) * p.cd;
+    let b_at = b_idx(t.r0 + jf, t.g, k);
+    let b_step = (TH / WK) * p.cd;
 #endif
     for (var e = 0u; e < NB; e++) {
-        let cj = j0 + e * (TH / WK);
+        let cj = jf + e * (TH / WK);
         var v = 0.0;
 #if MODE_OUT
         if (!checked || (k < kn && cj < p.hd)) {
-            v = states[b0 + e * db];
+            v = states[b_at + e * b_step];
         }
 #else
         if (!checked || (k < kn && cj < t.len)) {
-            v = xbc[b0 + e * db];
+            v = xbc[b_at + e * b_step];
         }
 #endif
         set_b(&w, e, v);

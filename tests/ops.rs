@@ -77,7 +77,9 @@ fn whole_config() -> MixerConfig {
 /// cu_seqlens, the slot of each sequence, and the snapshots (sequence, position, entry).
 type Packing = (Vec<i32>, Vec<i32>, Vec<(usize, usize, usize)>);
 
-/// Random packed sequences (some empty, some padding) with snapshots at random positions.
+/// Random packed sequences (some empty, some padding) with snapshots at random positions; `long`:
+/// the first sequence has 300 rows, its snapshot (if any) past row 256, so that a whole chunk of
+/// 256 rows stays (snapshots end chunks).
 fn random_pack(r: &mut rand_chacha::ChaCha8Rng, slots: usize, long: bool) -> Packing {
     let n = r.random_range(1..=slots.min(4));
     let mut cu = vec![0i32];
@@ -98,7 +100,8 @@ fn random_pack(r: &mut rand_chacha::ChaCha8Rng, slots: usize, long: bool) -> Pac
         };
         seq_slots.push(slot);
         if len > 0 && slot >= 0 && r.random_bool(0.5) {
-            snaps.push((s, r.random_range(1..=len), snaps.len()));
+            let first = if long && s == 0 { 257 } else { 1 };
+            snaps.push((s, r.random_range(first..=len), snaps.len()));
         }
     }
     (cu, seq_slots, snaps)
@@ -174,7 +177,8 @@ fn ops_match_the_cpu<B: Backend + Clone>(dev: B, trials: u64) {
         }
 
         // conv and ssd_scan over a random packing, starting from random pools; trial 0 has slots
-        // enough for a decode batch that the update runs with several state rows per warp.
+        // enough for a decode batch that the update runs with several state rows per warp, trials
+        // 0 and 1 a first sequence of 300 rows (a whole chunk of 256).
         let slots = if trial == 0 { 64 } else { 4 };
         let (cu, seq_slots, snaps) = random_pack(&mut r, slots, trial < 2);
         let rows = cu[cu.len() - 1] as usize;

@@ -39,13 +39,21 @@ def main():
         for f in sorted(files):
             if not f.endswith(".bin"):
                 continue
-            for img in images(open(os.path.join(d, f), "rb").read()):
+            with open(os.path.join(d, f), "rb") as entry:
+                data = entry.read()
+            for img in images(data):
                 size, off = struct.unpack_from("<II", img, 0x4c)
-                code = img[off + 8:off + 8 + size]
+                if off + 8 + size > len(img):
+                    print(f"{f}: an image of {len(img)} bytes names code at {off + 8}..{off + 8 + size}; skipped")
+                    continue
                 path = f"{prefix}{n}"
-                open(path + ".code", "wb").write(code)
+                with open(path + ".code", "wb") as out:
+                    out.write(img[off + 8:off + 8 + size])
                 r = subprocess.run([nvdisasm, "-b", arch, path + ".code"], capture_output=True, text=True)
-                open(path + ".sass", "w").write(r.stdout + r.stderr)
+                with open(path + ".sass", "w") as out:
+                    out.write(r.stdout + r.stderr)
+                if r.returncode != 0:
+                    sys.exit(f"{nvdisasm} failed on {path}.code: {r.stderr.strip()}")
                 print(f"{path}.sass: {size} bytes of code from {f}")
                 n += 1
     if n == 0:
