@@ -26,11 +26,11 @@ const MATVEC_ROWS: usize = 4;
 const MAX_NORM_FACTORS: usize = 64;
 /// Rows per thread of conv.wgsl's conv_seq (its RB).
 const CONV_ROWS: usize = 8;
-/// ssd.wgsl's tiles: ssd_mm's threads per workgroup for C B^T, the chunk states and the chunk
-/// outputs (half as many output rows, 64 columns), ssd_dt's heads per workgroup. H200, 2.7b
-/// 1x8192: chunk outputs 1246 us with 256 threads, 1145 with 128 (130m: 411, 380); C B^T 34.6,
+/// ssd.wgsl's tiles: ssd_mm's threads per workgroup, the same for C B^T, the chunk states and the
+/// chunk outputs (half as many output rows, 64 columns), ssd_dt's heads per workgroup. H200, 2.7b
+/// 1x8192, 256 threads against 128: chunk outputs 1246, 1145 us (130m: 411, 380); C B^T 34.6,
 /// 32.6; the chunk states 382, 352 since their loads have no branches (before: 600, 634).
-const SSD_THREADS: [usize; 3] = [128, 128, 128];
+const SSD_THREADS: usize = 128;
 const SSD_TJ: usize = 64;
 const SSD_DT_HEADS: usize = 8;
 /// Most workgroups along one dispatch dimension.
@@ -1757,8 +1757,8 @@ impl Backend for Wgpu {
                 u(n)?,
             )
         };
-        let [t_cb, t_st, t_out] = SSD_THREADS;
-        let ti = |n: usize, t: usize| n.div_ceil(t / 2);
+        let th = u(SSD_THREADS)?;
+        let ti = |n: usize| n.div_ceil(SSD_THREADS / 2);
         let tj = |n: usize| n.div_ceil(SSD_TJ);
         groups(
             "ssd_dt",
@@ -1768,14 +1768,14 @@ impl Backend for Wgpu {
         )?;
         groups(
             "ssd_mm",
-            &[("MODE_CB", 1), ("THREADS", u(t_cb)?)],
-            chunks * ng * ti(q, t_cb) * tj(q),
+            &[("MODE_CB", 1), ("THREADS", th)],
+            chunks * ng * ti(q) * tj(q),
             &[2, 9, 13],
         )?;
         groups(
             "ssd_mm",
-            &[("MODE_STATES", 1), ("THREADS", u(t_st)?)],
-            chunks * ng * ti(nh / ng * hd, t_st) * tj(ds),
+            &[("MODE_STATES", 1), ("THREADS", th)],
+            chunks * ng * ti(nh / ng * hd) * tj(ds),
             &[2, 4, 9, 14],
         )?;
         let n = pack.seqs() * nh * hd * ds;
@@ -1789,8 +1789,8 @@ impl Backend for Wgpu {
         )?;
         groups(
             "ssd_mm",
-            &[("MODE_OUT", 1), ("THREADS", u(t_out)?)],
-            chunks * nh * ti(q, t_out) * tj(hd),
+            &[("MODE_OUT", 1), ("THREADS", th)],
+            chunks * nh * ti(q) * tj(hd),
             &[2, 3, 9, 11, 12, 13, 14, 17],
         )
     }
