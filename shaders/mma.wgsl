@@ -69,7 +69,11 @@ fn padded_rows() -> u32 {
 @group(0) @binding(2) var<storage, read> w: array<vec4<f16>>;
 @group(0) @binding(3) var<storage, read> scale: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
+#if DIRECT
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
+#else
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
+#endif
 #endif
 
 #if SPLIT
@@ -261,25 +265,21 @@ fn madd(a: FragA, b: FragB, c: Acc) -> Acc {
                coopMultiplyAdd(a.m11, b.m11, coopMultiplyAdd(a.m10, b.m01, c.m11)));
 }
 
+#if DIRECT
+// Row-major, 4 vectors to a row, into `staged` from vector `at`.
+fn store_c(c: Acc, at: u32) {
+    coopStoreT(c.m00, &staged[at], 4u);
+    coopStoreT(c.m01, &staged[at + 2u], 4u);
+    coopStoreT(c.m10, &staged[at + 32u], 4u);
+    coopStoreT(c.m11, &staged[at + 34u], 4u);
+}
+#else
 // Row-major, 16 to a row, into `staged` from element `at`.
 fn store_c(c: Acc, at: u32) {
     coopStoreT(c.m00, &staged[at], 16u);
     coopStoreT(c.m01, &staged[at + 8u], 16u);
     coopStoreT(c.m10, &staged[at + 128u], 16u);
     coopStoreT(c.m11, &staged[at + 136u], 16u);
-}
-#if DIRECT
-
-// Row-major, `n` to a row, into `out` from element `at` (the addresses first: naga 30 fails on
-// pointers computed between the stores).
-fn store_out(c: Acc, at: u32, n: u32) {
-    let a01 = at + 8u;
-    let a10 = at + 8u * n;
-    let a11 = a10 + 8u;
-    coopStoreT(c.m00, &out[at], n);
-    coopStoreT(c.m01, &out[a01], n);
-    coopStoreT(c.m10, &out[a10], n);
-    coopStoreT(c.m11, &out[a11], n);
 }
 #endif
 #else
@@ -299,13 +299,13 @@ fn madd(a: FragA, b: FragB, c: Acc) -> Acc {
     return coopMultiplyAdd(a, b, c);
 }
 
+#if DIRECT
+fn store_c(c: Acc, at: u32) {
+    coopStoreT(c, &staged[at], 4u);
+}
+#else
 fn store_c(c: Acc, at: u32) {
     coopStoreT(c, &staged[at], 16u);
-}
-#if DIRECT
-
-fn store_out(c: Acc, at: u32, n: u32) {
-    coopStoreT(c, &out[at], n);
 }
 #endif
 #endif
@@ -331,16 +331,31 @@ const STRIDE: u32 = THREADS / 8u;
 const LV: u32 = LD / 4u;
 var<workgroup> xa: array<vec4<f16>, 2u * TR * LV>;
 var<workgroup> wb: array<vec4<f16>, TC * LV>;
-// Per subgroup, one accumulator at a time on its way out.
+// Per subgroup, one accumulator at a time on its way out. The workgroup memory stays at 24 KB:
+// with 28 KB or more the products ran 1.5x slower on the H200 (2.7b batch 64, in_proj 57.5 ->
+// 84.3 us with 4 or 8 KB more declared; 3 workgroups a multiprocessor no longer fit the driver's
+// share of workgroup memory, it seems), which sank several designs before (k steps of 64, tiles
+// of 256 columns, double-buffered staging).
+#if DIRECT
+var<workgroup> staged: array<vec4<f32>, 64u * WR * WC>;
+#else
 var<workgroup> staged: array<f32, 256u * WR * WC>;
+#endif
 
 #if DIRECT
 // One accumulator (rows r0.., columns j0..) of a split-K partial, stored as it is: rows padded
-// to whole tiles, p.np values to a row, the row scales divided out by the summing pass. No
-// workgroup memory and no barriers (H200, 2.7b batch 64: in_proj 62.0 -> 59.8 us, out_proj 41.4
-// -> 39.7; 130m: 25.2 -> 21.5, 32.5 -> 21.6).
+// to whole tiles, p.np values to a row, the row scales divided out by the summing pass. Through
+// workgroup memory so that whole 16-byte vectors go out, 4 lanes to a row (the accumulator's
+// own stores to memory were 4-byte and half a sector each: H200, 2.7b batch 64, in_proj 57.5 ->
+// 54.5 us, out_proj 39.3 -> 36.9; the epilogue alone 8.3 -> 2.3).
 fn emit(c: Acc, sg: u32, lane: u32, r0: u32, j0: u32, at: u32) {
-    store_out(c, at + r0 * p.np + j0, p.np);
+    store_c(c, sg * 64u);
+    workgroupBarrier();
+    for (var m = 0u; m < 64u / SG; m++) {
+        let e = lane + m * SG;
+        out[(at + (r0 + e / 4u) * p.np + j0) / 4u + e % 4u] = staged[sg * 64u + e];
+    }
+    workgroupBarrier();
 }
 #else
 // One accumulator (rows r0.., columns j0..) out through workgroup memory: the lane's 256 / SG of
@@ -444,8 +459,10 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 #if DIRECT
     // The row scales after the partials, for the summing pass (one binding fewer there).
     if (split == 0u && j0 == 0u) {
-        for (var i = lid.x; i < TR; i += THREADS) {
-            out[p.splits * padded_rows() * p.np + r0 + i] = scale[r0 + i];
+        for (var i = lid.x; i < TR / 4u; i += THREADS) {
+            let r = r0 + 4u * i;
+            out[(p.splits * padded_rows() * p.np + r) / 4u] =
+                vec4<f32>(scale[r], scale[r + 1u], scale[r + 2u], scale[r + 3u]);
         }
     }
 #endif
