@@ -6,10 +6,15 @@ Run a program (e.g. `examples/pipeline_stats`) with
 and each compiled pipeline lands in CACHE_DIR as a `.bin` entry: zstd frames, one of which holds an
 "NVDANVVM" image whose header gives the machine code's size (u32 at 0x4c) and offset (u32 at 0x50,
 plus 8). This writes that code to OUT_PREFIX<n>.code and its disassembly (`nvdisasm -b SM90`, the
-H200's architecture; set NV_ARCH for another) to OUT_PREFIX<n>.sass. Needs `zstd` (or $ZSTD) and
-`nvdisasm` (or $NVDISASM, default /usr/local/cuda/bin/nvdisasm).
+H200's architecture; set NV_ARCH for another) to OUT_PREFIX<n>.sass, and to OUT_PREFIX<n>.ctl each
+instruction with the scheduling bits that nvdisasm leaves out: its stall cycles, the scoreboard its
+result sets (`wr`) and the one that frees its sources (`rd`), and the scoreboards it waits for (`wait`),
+from bits 105-121 of the 128-bit instruction as published for Volta and later (Jia et al., "Dissecting the
+NVIDIA Volta GPU Architecture via Microbenchmarking"). Needs `zstd` (or $ZSTD) and `nvdisasm` (or
+$NVDISASM, default /usr/local/cuda/bin/nvdisasm).
 """
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -26,6 +31,23 @@ def images(data):
         if out.startswith(b"NVDANVVM") and len(out) >= 0x58:
             yield out
         at = data.find(MAGIC, at + 4)
+
+
+def control(code, sass):
+    """One line per instruction: offset, scheduling bits, text."""
+    text = {}
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            text[int(m.group(1), 16)] = m.group(2)
+    lines = []
+    for at in range(0, len(code) - 15, 16):
+        hi = struct.unpack_from("<Q", code, at + 8)[0]
+        stall, wr, rd, wait = (hi >> 41) & 0xF, (hi >> 46) & 7, (hi >> 49) & 7, (hi >> 52) & 0x3F
+        sb = lambda b: "-" if b == 7 else str(b)
+        waits = ",".join(str(b) for b in range(6) if wait >> b & 1) or "-"
+        lines.append(f"{at:05x}  stall {stall:2}  wr {sb(wr)}  rd {sb(rd)}  wait {waits:11}  {text.get(at, '?')}")
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -54,6 +76,8 @@ def main():
                     out.write(r.stdout + r.stderr)
                 if r.returncode != 0:
                     sys.exit(f"{nvdisasm} failed on {path}.code: {r.stderr.strip()}")
+                with open(path + ".ctl", "w") as out:
+                    out.write(control(img[off + 8:off + 8 + size], r.stdout))
                 print(f"{path}.sass: {size} bytes of code from {f}")
                 n += 1
     if n == 0:
