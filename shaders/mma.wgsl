@@ -333,9 +333,9 @@ var<workgroup> xa: array<vec4<f16>, 2u * TR * LV>;
 var<workgroup> wb: array<vec4<f16>, TC * LV>;
 // Per subgroup, one accumulator at a time on its way out. The workgroup memory stays at 24 KB:
 // with 28 KB or more the products ran 1.5x slower on the H200 (2.7b batch 64, in_proj 57.5 ->
-// 84.3 us with 8 or 12 KB more declared than the staging's 20; 3 workgroups a multiprocessor no longer fit the driver's
-// share of workgroup memory, it seems), which sank several designs before (k steps of 64, tiles
-// of 256 columns, double-buffered staging).
+// 84.3 us with 8 or 12 KB declared beside the staging's 20; 3 workgroups a multiprocessor no
+// longer fit the driver's share of workgroup memory, it seems), which sank several designs
+// before (k steps of 64, tiles of 256 columns, double-buffered staging).
 #if DIRECT
 var<workgroup> staged: array<vec4<f32>, 64u * WR * WC>;
 #else
