@@ -265,7 +265,6 @@ fn madd(a: FragA, b: FragB, c: Acc) -> Acc {
                coopMultiplyAdd(a.m11, b.m11, coopMultiplyAdd(a.m10, b.m01, c.m11)));
 }
 
-#if DIRECT
 // Row-major, 4 vectors to a row, into `staged` from vector `at`.
 fn store_c(c: Acc, at: u32) {
     coopStoreT(c.m00, &staged[at], 4u);
@@ -273,15 +272,6 @@ fn store_c(c: Acc, at: u32) {
     coopStoreT(c.m10, &staged[at + 32u], 4u);
     coopStoreT(c.m11, &staged[at + 34u], 4u);
 }
-#else
-// Row-major, 16 to a row, into `staged` from element `at`.
-fn store_c(c: Acc, at: u32) {
-    coopStoreT(c.m00, &staged[at], 16u);
-    coopStoreT(c.m01, &staged[at + 8u], 16u);
-    coopStoreT(c.m10, &staged[at + 128u], 16u);
-    coopStoreT(c.m11, &staged[at + 136u], 16u);
-}
-#endif
 #else
 alias FragA = coop_mat16x16<f16, A>;
 alias FragB = coop_mat16x16<f16, B>;
@@ -299,15 +289,9 @@ fn madd(a: FragA, b: FragB, c: Acc) -> Acc {
     return coopMultiplyAdd(a, b, c);
 }
 
-#if DIRECT
 fn store_c(c: Acc, at: u32) {
     coopStoreT(c, &staged[at], 4u);
 }
-#else
-fn store_c(c: Acc, at: u32) {
-    coopStoreT(c, &staged[at], 16u);
-}
-#endif
 #endif
 
 // A workgroup is WR x WC subgroups of SG lanes (32 on NVIDIA), each 32 rows x 64 columns (2x4
@@ -336,11 +320,7 @@ var<workgroup> wb: array<vec4<f16>, TC * LV>;
 // 84.3 us with 8 or 12 KB declared beside the staging's 20; 3 workgroups a multiprocessor no
 // longer fit the driver's share of workgroup memory, it seems), which sank several designs
 // before (k steps of 64, tiles of 256 columns, double-buffered staging).
-#if DIRECT
 var<workgroup> staged: array<vec4<f32>, 64u * WR * WC>;
-#else
-var<workgroup> staged: array<f32, 256u * WR * WC>;
-#endif
 
 #if DIRECT
 // One accumulator (rows r0.., columns j0..) of a split-K partial, stored as it is: rows padded
@@ -361,14 +341,14 @@ fn emit(c: Acc, sg: u32, lane: u32, r0: u32, j0: u32, at: u32) {
 // One accumulator (rows r0.., columns j0..) out through workgroup memory: the lane's 256 / SG of
 // its 256 values, divided by the row scale, plus the bias.
 fn emit(c: Acc, sg: u32, lane: u32, r0: u32, j0: u32, at: u32) {
-    store_c(c, sg * 256u);
+    store_c(c, sg * 64u);
     workgroupBarrier();
     for (var m = 0u; m < 256u / SG; m++) {
         let e = lane + m * SG;
         let r = r0 + e / 16u;
         let j = j0 + e % 16u;
         if (r < p.rows && j < p.n) {
-            var o = staged[sg * 256u + e] / scale[r];
+            var o = staged[sg * 64u + e / 4u][e % 4u] / scale[r];
             if (p.has_bias != 0u) {
                 o += bias[j];
             }
