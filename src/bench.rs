@@ -4,7 +4,7 @@
 use std::str::FromStr;
 use std::time::Instant;
 
-use crate::backend::{Backend, Decode, Pack, States};
+use crate::backend::{in_proj, Backend, Decode, Pack, States};
 use crate::config::MixerConfig;
 use crate::error::{Error, Result};
 use crate::graph::{decode, decode_batch, pack, prefill, Engine, EngineConfig, Request, Work};
@@ -35,15 +35,19 @@ pub enum Case {
     Prefill(usize),
     /// `batch` requests of 1 + `spec` tokens each (all accepted).
     Decode { batch: usize, spec: usize },
+    /// The SSD chunked scan alone over one sequence of this many tokens (what mamba_ssm's
+    /// `mamba_chunk_scan_combined` does), its inputs from one in_proj and conv.
+    Scan(usize),
 }
 
 impl FromStr for Case {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let num = |v: &str| v.parse::<usize>().ok().filter(|&n| n > 0);
-        let bad = || format!("expected prefill:N, decode:B or spec:BxK, got {s:?}");
+        let bad = || format!("expected prefill:N, scan:N, decode:B or spec:BxK, got {s:?}");
         match s.split_once(':') {
             Some(("prefill", n)) => num(n).map(Case::Prefill).ok_or_else(bad),
+            Some(("scan", n)) => num(n).map(Case::Scan).ok_or_else(bad),
             Some(("decode", b)) => num(b)
                 .map(|batch| Case::Decode { batch, spec: 0 })
                 .ok_or_else(bad),
@@ -63,6 +67,7 @@ impl std::fmt::Display for Case {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Case::Prefill(n) => write!(f, "prefill 1x{n}"),
+            Case::Scan(n) => write!(f, "scan 1x{n}"),
             Case::Decode { batch, spec: 0 } => write!(f, "decode batch {batch}"),
             Case::Decode { batch, spec } => write!(f, "decode batch {batch}, 1+{spec} tokens"),
         }
@@ -72,7 +77,8 @@ impl std::fmt::Display for Case {
 /// Per step: wall-clock microseconds of an engine step (upload, kernels, readback), the device
 /// microseconds of an engine step (first kernel to last, barriers included; the GPU idles between
 /// steps while the host works), the device microseconds of a step when steps run back to back,
-/// and the kernels of the back-to-back run, each timed on its own.
+/// and the kernels of the back-to-back run, each timed on its own. A scan has no engine step: its
+/// wall time is that of scans back to back, with the readback that ends them.
 #[derive(Debug, Clone)]
 pub struct Measured {
     pub case: Case,
@@ -87,19 +93,10 @@ pub struct Measured {
 /// Runs `case` `iters` times after a warm-up and averages per step.
 pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Result<Measured> {
     let d = m.config().d_model;
-    let (batch, spec, tokens) = match case {
-        Case::Prefill(n) => (1, 0, n),
-        Case::Decode { batch, spec } => (batch, spec, 1 + spec),
+    let (batch, tokens) = match case {
+        Case::Prefill(n) | Case::Scan(n) => (1, n),
+        Case::Decode { batch, spec } => (batch, 1 + spec),
     };
-    let mut engine = Engine::new(
-        m,
-        EngineConfig {
-            max_requests: batch,
-            max_spec: spec,
-            max_snapshots: 0,
-        },
-    )?;
-    let slots: Vec<i32> = (0..batch).map(|_| engine.alloc()).collect::<Result<_>>()?;
     // Deterministic, non-trivial inputs.
     let hidden: Vec<Vec<f32>> = (0..batch)
         .map(|b| {
@@ -108,37 +105,23 @@ pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Resu
                 .collect()
         })
         .collect();
-    let work = match case {
-        Case::Prefill(_) => Work::Prefill { snapshots: vec![] },
-        Case::Decode { spec, .. } => Work::Decode { spec },
-    };
-    let requests: Vec<Request> = slots
-        .iter()
-        .zip(&hidden)
-        .map(|(&slot, h)| Request {
-            slot,
-            tokens: h,
-            work: work.clone(),
-        })
-        .collect();
     let warmup = 3;
-    run(&mut engine, &requests, case, warmup).await?;
-    // Engine steps as a caller runs them: wall clock, and the device time of each step.
-    let timed = m.backend.profile_start(false)?;
-    let wall_us = run(&mut engine, &requests, case, iters).await?;
-    let steps: Vec<f64> = m.backend.profile_take().iter().map(|e| e.1).collect();
-    let step_us =
-        (timed && !steps.is_empty()).then(|| steps.iter().sum::<f64>() / 1e3 / steps.len() as f64);
-    drop(requests);
-    drop(engine);
+    let flat: Vec<f32> = hidden.concat();
+    let (wall_us, step_us) = match case {
+        Case::Scan(_) => {
+            replay(m, case, &flat, warmup, false).await?;
+            let (_, wall) = replay(m, case, &flat, iters, false).await?;
+            (wall * 1e6 / iters.max(1) as f64, None)
+        }
+        _ => engine_steps(m, case, &hidden, warmup, iters).await?,
+    };
     // The same work back to back in one submission (the GPU never waits for the host, as in a
     // CUDA-graph replay), after a second of such replays of about 50 ms each: that brings the GPU
     // to its sustained clocks (it idles at half of them between engine steps). Then a few steps
     // with every kernel timed on its own for the breakdown (few: the query set is bounded).
-    let flat: Vec<f32> = hidden.concat();
     let mut device_us = None;
     let mut kernels: Vec<(String, f64)> = vec![];
-    if let Some(first) = replay(m, case, &flat, warmup, false).await?.first() {
+    if let Some(first) = replay(m, case, &flat, warmup, false).await?.0.first() {
         let reps = ((50e6 / (first.1 / warmup as f64).max(1.0)) as usize).clamp(iters, 20_000);
         let t = Instant::now();
         while t.elapsed().as_secs_f64() < 1.0 {
@@ -146,6 +129,7 @@ pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Resu
         }
         device_us = replay(m, case, &flat, reps, false)
             .await?
+            .0
             .first()
             .map(|e| e.1 / 1e3 / reps as f64);
     }
@@ -153,6 +137,7 @@ pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Resu
     // left out of the averages.
     let step: Vec<&str> = replay(m, case, &flat, 1, true)
         .await?
+        .0
         .iter()
         .map(|e| e.0)
         .collect();
@@ -163,7 +148,7 @@ pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Resu
             t => (format!("{name} #{t}"), 0.0),
         });
     }
-    let timed = replay(m, case, &flat, iters.min(8), true).await?;
+    let timed = replay(m, case, &flat, iters.min(8), true).await?.0;
     let steps = timed.len() / step.len().max(1);
     for (i, (_, ns)) in timed.iter().take(steps * step.len()).enumerate() {
         kernels[i % step.len()].1 += ns / (1e3 * steps as f64);
@@ -175,6 +160,51 @@ pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Resu
         device_us,
         kernels,
     })
+}
+
+/// Engine steps of `case` as a caller runs them, after `warmup` of them: wall-clock us per step,
+/// and the device us per step where the backend can time it.
+async fn engine_steps<B: Backend>(
+    m: &Mixer<B>,
+    case: Case,
+    hidden: &[Vec<f32>],
+    warmup: usize,
+    iters: usize,
+) -> Result<(f64, Option<f64>)> {
+    let (batch, spec) = match case {
+        Case::Prefill(_) | Case::Scan(_) => (1, 0),
+        Case::Decode { batch, spec } => (batch, spec),
+    };
+    let mut engine = Engine::new(
+        m,
+        EngineConfig {
+            max_requests: batch,
+            max_spec: spec,
+            max_snapshots: 0,
+        },
+    )?;
+    let slots: Vec<i32> = (0..batch).map(|_| engine.alloc()).collect::<Result<_>>()?;
+    let work = match case {
+        Case::Prefill(_) | Case::Scan(_) => Work::Prefill { snapshots: vec![] },
+        Case::Decode { spec, .. } => Work::Decode { spec },
+    };
+    let requests: Vec<Request> = slots
+        .iter()
+        .zip(hidden)
+        .map(|(&slot, h)| Request {
+            slot,
+            tokens: h,
+            work: work.clone(),
+        })
+        .collect();
+    run(&mut engine, &requests, case, warmup).await?;
+    // Engine steps as a caller runs them: wall clock, and the device time of each step.
+    let timed = m.backend.profile_start(false)?;
+    let wall_us = run(&mut engine, &requests, case, iters).await?;
+    let steps: Vec<f64> = m.backend.profile_take().iter().map(|e| e.1).collect();
+    let step_us =
+        (timed && !steps.is_empty()).then(|| steps.iter().sum::<f64>() / 1e3 / steps.len() as f64);
+    Ok((wall_us, step_us))
 }
 
 /// Runs `n` steps of `requests` (accepting every speculative token); wall-clock us per step.
@@ -207,18 +237,20 @@ async fn run<B: Backend>(
 
 /// Records the passes of `n` steps of `case` into one submission (a prefill of one sequence, or a
 /// decode pass of `batch` requests of 1 + spec tokens over their own slots, recording
-/// intermediates when speculative) and returns the device profile of that submission: one "step"
-/// entry for all of it, or every kernel (`per_kernel`). Empty where the backend has no timer.
+/// intermediates when speculative; a scan alone after one in_proj and conv) and returns the
+/// device profile of that submission, one "step" entry for all of it or every kernel
+/// (`per_kernel`), and the wall seconds of the steps and their readback. Where the backend has no
+/// timer: an empty profile, and nothing run but scans (their only wall time).
 async fn replay<B: Backend>(
     m: &Mixer<B>,
     case: Case,
     hidden: &[f32],
     n: usize,
     per_kernel: bool,
-) -> Result<Vec<(&'static str, f64)>> {
+) -> Result<(Vec<(&'static str, f64)>, f64)> {
     let (b, cfg) = (&m.backend, m.config());
     let (batch, spec) = match case {
-        Case::Prefill(_) => (1, 0),
+        Case::Prefill(_) | Case::Scan(_) => (1, 0),
         Case::Decode { batch, spec } => (batch, spec),
     };
     let states = |entries: usize| -> Result<States<B>> {
@@ -233,11 +265,21 @@ async fn replay<B: Backend>(
     let rows = hidden.len() / cfg.d_model;
     enum Pass<B: Backend> {
         Prefill(Pack<B>),
+        // The scan's inputs (zxbcdt, xbc) and its output.
+        Scan(Pack<B>, B::Buf, B::Buf, B::Buf),
         Decode(Decode<B>, Option<States<B>>),
     }
     let pass = match case {
         Case::Prefill(_) => {
             Pass::Prefill(pack(b, vec![0, rows as i32], slots, &[], cfg.chunk_size)?)
+        }
+        Case::Scan(_) => {
+            let pk = pack(b, vec![0, rows as i32], slots, &[], cfg.chunk_size)?;
+            let zxbcdt = in_proj(b, &m.params, &x, rows)?;
+            let mut xbc = b.alloc(rows * cfg.conv_dim())?;
+            b.conv(&m.params, &zxbcdt, &pk, &mut pool.conv, None, &mut xbc)?;
+            let y = b.alloc(rows * cfg.d_inner())?;
+            Pass::Scan(pk, zxbcdt, xbc, y)
         }
         Case::Decode { .. } => {
             let cu = (0..=batch).map(|i| (i * (1 + spec)) as i32).collect();
@@ -254,16 +296,22 @@ async fn replay<B: Backend>(
             Pass::Decode(decode_batch(b, cu, slots, record, 1 + spec)?, inter)
         }
     };
-    if !b.profile_start(per_kernel)? {
-        return Ok(vec![]);
+    let timed = b.profile_start(per_kernel)?;
+    if !timed && !matches!(case, Case::Scan(_)) {
+        return Ok((vec![], 0.0));
     }
     let mut pass = pass;
+    let t = Instant::now();
     for _ in 0..n {
         match &mut pass {
             Pass::Prefill(pk) => drop(prefill(m, &x, pk, &mut pool, None)?),
+            Pass::Scan(pk, zxbcdt, xbc, y) => {
+                b.ssd_scan(&m.params, zxbcdt, xbc, pk, &mut pool.ssm, None, y)?
+            }
             Pass::Decode(dec, inter) => drop(decode(m, &x, dec, &mut pool, inter.as_mut())?),
         }
     }
     b.read(&[(&pool.ssm, 0, 1)]).await?;
-    Ok(b.profile_take())
+    let wall = t.elapsed().as_secs_f64();
+    Ok((if timed { b.profile_take() } else { vec![] }, wall))
 }

@@ -46,12 +46,12 @@ pub struct BenchArgs {
     /// Storage type of the weights: f32, f16 or bf16.
     #[arg(long, default_value = "bf16", value_parser = FloatType::parse)]
     pub dtype: FloatType,
-    /// Workloads: prefill:N (one request of N tokens), decode:B (B requests, one token),
-    /// spec:BxK (B requests of 1+K tokens).
+    /// Workloads: prefill:N (one request of N tokens), scan:N (the SSD scan alone over N tokens),
+    /// decode:B (B requests, one token), spec:BxK (B requests of 1+K tokens).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "prefill:2048,prefill:8192,decode:1,decode:64,spec:16x3"
+        default_value = "prefill:2048,prefill:8192,scan:2048,scan:8192,decode:1,decode:64,spec:16x3"
     )]
     pub cases: Vec<crate::bench::Case>,
     /// Timed steps per case (after 3 warm-up steps).

@@ -619,7 +619,7 @@ fn bench_times_every_case_on_every_backend() {
                 "--config",
                 s(&cfg),
                 "--cases",
-                "decode:1,spec:2x1,prefill:40",
+                "decode:1,spec:2x1,prefill:40,scan:40",
                 "--iters",
                 "2",
             ])
@@ -635,17 +635,26 @@ fn bench_times_every_case_on_every_backend() {
             ("decode batch 1 |", "matvec"),
             ("decode batch 2, 1+1 tokens |", "state_update"),
             ("prefill 1x40 |", "ssd_mm"),
+            ("scan 1x40 |", "ssd_mm"),
         ] {
             let row = text
                 .lines()
                 .find(|l| l.starts_with(&format!("| {case}")))
                 .unwrap_or_else(|| panic!("{backend}: no row for {case}\n{text}"));
             let cols: Vec<&str> = row.split('|').map(str::trim).collect();
-            // | case | back to back | engine step | wall | kernels |
+            // | case | back to back | engine step | wall | kernels |; a scan has no engine step.
+            let scan = case.starts_with("scan");
             let wall: f64 = cols[4].parse().expect("wall us");
             assert!(wall > 0.0, "{row}");
+            if scan {
+                assert_eq!(cols[3], "-", "{row}");
+            }
             if backend == "wgpu" {
-                for c in [2, 3] {
+                // The scan's kernels only: nothing of the projections, the conv or the norm.
+                if scan {
+                    assert!(cols[5].split(", ").all(|k| k.starts_with("ssd_")), "{row}");
+                }
+                for c in [2, 3].into_iter().filter(|&c| !(scan && c == 3)) {
                     let us: f64 = cols[c]
                         .parse()
                         .unwrap_or_else(|_| panic!("device us: {row}"));
