@@ -162,8 +162,8 @@ pub async fn measure<B: Backend>(m: &Mixer<B>, case: Case, iters: usize) -> Resu
     })
 }
 
-/// Engine steps of `case` as a caller runs them, after `warmup` of them: wall-clock us per step,
-/// and the device us per step where the backend can time it.
+/// Engine steps of `case` (a prefill or a decode) as a caller runs them, after `warmup` of them:
+/// wall-clock us per step, and the device us per step where the backend can time it.
 async fn engine_steps<B: Backend>(
     m: &Mixer<B>,
     case: Case,
@@ -172,8 +172,8 @@ async fn engine_steps<B: Backend>(
     iters: usize,
 ) -> Result<(f64, Option<f64>)> {
     let (batch, spec) = match case {
-        Case::Prefill(_) | Case::Scan(_) => (1, 0),
         Case::Decode { batch, spec } => (batch, spec),
+        _ => (1, 0),
     };
     let mut engine = Engine::new(
         m,
@@ -185,8 +185,8 @@ async fn engine_steps<B: Backend>(
     )?;
     let slots: Vec<i32> = (0..batch).map(|_| engine.alloc()).collect::<Result<_>>()?;
     let work = match case {
-        Case::Prefill(_) | Case::Scan(_) => Work::Prefill { snapshots: vec![] },
         Case::Decode { spec, .. } => Work::Decode { spec },
+        _ => Work::Prefill { snapshots: vec![] },
     };
     let requests: Vec<Request> = slots
         .iter()
