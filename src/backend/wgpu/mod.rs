@@ -1760,6 +1760,8 @@ impl Backend for Wgpu {
         let th = u(SSD_THREADS)?;
         let ti = |n: usize| n.div_ceil(SSD_THREADS / 2);
         let tj = |n: usize| n.div_ceil(SSD_TJ);
+        // Whole vectors of four along the states' and the output's rows.
+        let v4 = (hd % 4 == 0 && ds % 4 == 0) as u32;
         groups(
             "ssd_dt",
             &[],
@@ -1774,22 +1776,23 @@ impl Backend for Wgpu {
         )?;
         groups(
             "ssd_mm",
-            &[("MODE_STATES", 1), ("THREADS", th)],
+            &[("MODE_STATES", 1), ("THREADS", th), ("V4", v4)],
             chunks * ng * ti(nh / ng * hd) * tj(ds),
             &[2, 4, 9, 14],
         )?;
-        let n = pack.seqs() * nh * hd * ds;
+        // ssd_pass: a thread per state value, or per vector of four with V4.
+        let n = pack.seqs() * nh * hd * ds / if v4 == 1 { 4 } else { 1 };
         self.dispatch(
             shader::SSD,
             "ssd_pass",
-            &[],
+            &[("V4", v4)],
             &params(n)?,
             &pick(&all, &[4, 7, 8, 10, 14, 15, 16]),
             groups_for(n)?,
         )?;
         groups(
             "ssd_mm",
-            &[("MODE_OUT", 1), ("THREADS", th)],
+            &[("MODE_OUT", 1), ("THREADS", th), ("V4", v4)],
             chunks * nh * ti(q) * tj(hd),
             &[2, 3, 9, 11, 12, 13, 14, 17],
         )
