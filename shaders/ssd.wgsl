@@ -253,8 +253,6 @@ const WK: u32 = 16u;      // k per step through workgroup memory
 // vec4s per k row of the operand tiles, one more than the rows need against bank conflicts.
 const AROW: u32 = TI / 4u + 1u;
 const BROW: u32 = 17u;
-// A thread's second block of four rows.
-const HALF: u32 = TI / 2u;
 
 var<workgroup> at: array<vec4<f32>, WK * AROW>;  // (WK, AROW): A's rows i at each k, four to a vec4
 var<workgroup> bt: array<vec4<f32>, WK * BROW>;  // (WK, BROW): B's columns j at each k
@@ -600,8 +598,8 @@ fn store4(t: Tile, i: u32, j: u32, v: vec4<f32>) {
 }
 #endif
 
-// The thread's outputs: rows ty*4.. and HALF+ty*4.., four columns tx*4.. each, as one vec4 per
-// row in registers (no private arrays: drivers spill those).
+// The thread's outputs: rows row_a.. and row_b.., four each, columns tx*4.. (tx = th % 16), as
+// one vec4 per row in registers (no private arrays: drivers spill those).
 struct Acc {
     c0: vec4<f32>,
     c1: vec4<f32>,
@@ -614,9 +612,9 @@ struct Acc {
 }
 
 // The products of one k of a step staged in workgroup memory: 3 vector reads for 32 FMAs.
-fn product(acc: ptr<function, Acc>, kk: u32, tx: u32, ty: u32) {
-    let a0 = at[kk * AROW + ty];
-    let a1 = at[kk * AROW + HALF / 4u + ty];
+fn product(acc: ptr<function, Acc>, kk: u32, tx: u32, ra: u32, rb: u32) {
+    let a0 = at[kk * AROW + ra];
+    let a1 = at[kk * AROW + rb];
     let b = bt[kk * BROW + tx];
     (*acc).c0 = fma(vec4<f32>(a0.x), b, (*acc).c0);
     (*acc).c1 = fma(vec4<f32>(a0.y), b, (*acc).c1);
@@ -628,27 +626,39 @@ fn product(acc: ptr<function, Acc>, kk: u32, tx: u32, ty: u32) {
     (*acc).c7 = fma(vec4<f32>(a1.w), b, (*acc).c7);
 }
 
+// The thread's first rows of c0..c3 and of c4..c7: each warp of 32 threads holds 16 consecutive
+// rows (so that whole warps skip the k steps past their rows in the chunk outputs' diagonal
+// tiles), its half-warps rows 4..7 apart.
+fn row_a(th: u32) -> u32 {
+    return (th / 32u) * 16u + ((th / 16u) % 2u) * 4u;
+}
+
+fn row_b(th: u32) -> u32 {
+    return row_a(th) + 8u;
+}
+
 // A step's products, written out k by k (WK of them): the driver's loop unrolled by five measured
 // ~1 % slower.
 fn products(acc: ptr<function, Acc>, th: u32) {
     let tx = th % 16u;
-    let ty = th / 16u;
-    product(acc, 0u, tx, ty);
-    product(acc, 1u, tx, ty);
-    product(acc, 2u, tx, ty);
-    product(acc, 3u, tx, ty);
-    product(acc, 4u, tx, ty);
-    product(acc, 5u, tx, ty);
-    product(acc, 6u, tx, ty);
-    product(acc, 7u, tx, ty);
-    product(acc, 8u, tx, ty);
-    product(acc, 9u, tx, ty);
-    product(acc, 10u, tx, ty);
-    product(acc, 11u, tx, ty);
-    product(acc, 12u, tx, ty);
-    product(acc, 13u, tx, ty);
-    product(acc, 14u, tx, ty);
-    product(acc, 15u, tx, ty);
+    let ra = row_a(th) / 4u;
+    let rb = row_b(th) / 4u;
+    product(acc, 0u, tx, ra, rb);
+    product(acc, 1u, tx, ra, rb);
+    product(acc, 2u, tx, ra, rb);
+    product(acc, 3u, tx, ra, rb);
+    product(acc, 4u, tx, ra, rb);
+    product(acc, 5u, tx, ra, rb);
+    product(acc, 6u, tx, ra, rb);
+    product(acc, 7u, tx, ra, rb);
+    product(acc, 8u, tx, ra, rb);
+    product(acc, 9u, tx, ra, rb);
+    product(acc, 10u, tx, ra, rb);
+    product(acc, 11u, tx, ra, rb);
+    product(acc, 12u, tx, ra, rb);
+    product(acc, 13u, tx, ra, rb);
+    product(acc, 14u, tx, ra, rb);
+    product(acc, 15u, tx, ra, rb);
 }
 
 // The k steps of one phase of the product.
@@ -669,7 +679,11 @@ fn steps(t: Tile, phase: u32, th: u32, checked: bool, acc: ptr<function, Acc>) {
         if (k0 + WK < kn) {
             raw = fetch(t, phase, k0 + WK, kn, th, checked);
         }
-        products(acc, th);
+        // Phase 1: rows before k0 have nothing from this step (k > i). Exact per thread whatever
+        // the subgroup size; saves work where a warp of 32 holds only such rows.
+        if (phase == 0u || k0 <= t.i0 + (th / 32u) * 16u + 15u) {
+            products(acc, th);
+        }
         workgroupBarrier();
     }
 #endif
@@ -689,7 +703,6 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let full = is_full(t);
     let th = lid.x;
     let tx = th % 16u;  // columns tx*4..tx*4+3
-    let ty = th / 16u;  // rows ty*4..ty*4+3 and HALF+ty*4..HALF+ty*4+3
 #if MODE_OUT
     if (th < TI) {
         var v = 0.0;
@@ -710,14 +723,16 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         steps(t, 0u, th, true, &acc);
     }
     // The inter-chunk term is exp(dA_i) (C_i . s_in): the factor once per output row.
-    acc.c0 *= exp(cum_i[ty * 4u]);
-    acc.c1 *= exp(cum_i[ty * 4u + 1u]);
-    acc.c2 *= exp(cum_i[ty * 4u + 2u]);
-    acc.c3 *= exp(cum_i[ty * 4u + 3u]);
-    acc.c4 *= exp(cum_i[HALF + ty * 4u]);
-    acc.c5 *= exp(cum_i[HALF + ty * 4u + 1u]);
-    acc.c6 *= exp(cum_i[HALF + ty * 4u + 2u]);
-    acc.c7 *= exp(cum_i[HALF + ty * 4u + 3u]);
+    let ra = row_a(th);
+    let rb = row_b(th);
+    acc.c0 *= exp(cum_i[ra]);
+    acc.c1 *= exp(cum_i[ra + 1u]);
+    acc.c2 *= exp(cum_i[ra + 2u]);
+    acc.c3 *= exp(cum_i[ra + 3u]);
+    acc.c4 *= exp(cum_i[rb]);
+    acc.c5 *= exp(cum_i[rb + 1u]);
+    acc.c6 *= exp(cum_i[rb + 2u]);
+    acc.c7 *= exp(cum_i[rb + 3u]);
     if (full) {
         steps(t, 1u, th, false, &acc);
     } else {
@@ -730,13 +745,15 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         steps(t, 0u, th, true, &acc);
     }
 #endif
-    store4(t, ty * 4u, tx * 4u, acc.c0);
-    store4(t, ty * 4u + 1u, tx * 4u, acc.c1);
-    store4(t, ty * 4u + 2u, tx * 4u, acc.c2);
-    store4(t, ty * 4u + 3u, tx * 4u, acc.c3);
-    store4(t, HALF + ty * 4u, tx * 4u, acc.c4);
-    store4(t, HALF + ty * 4u + 1u, tx * 4u, acc.c5);
-    store4(t, HALF + ty * 4u + 2u, tx * 4u, acc.c6);
-    store4(t, HALF + ty * 4u + 3u, tx * 4u, acc.c7);
+    let ia = row_a(th);
+    let ib = row_b(th);
+    store4(t, ia, tx * 4u, acc.c0);
+    store4(t, ia + 1u, tx * 4u, acc.c1);
+    store4(t, ia + 2u, tx * 4u, acc.c2);
+    store4(t, ia + 3u, tx * 4u, acc.c3);
+    store4(t, ib, tx * 4u, acc.c4);
+    store4(t, ib + 1u, tx * 4u, acc.c5);
+    store4(t, ib + 2u, tx * 4u, acc.c6);
+    store4(t, ib + 3u, tx * 4u, acc.c7);
 }
 #endif
