@@ -1,8 +1,8 @@
-// The SSD chunked scan over packed sequences, in five dispatches of three kernels:
-//   ssd_dt      per (chunk, head): dt = softplus(dt + dt_bias) clamped, the chunk's cumulative
-//               dA = cumsum(dt * A), each row's weight exp(dA_last - dA_r) dt_r in the chunk's own
-//               state, and the chunk's decay exp(dA_last);
+// The SSD chunked scan over packed sequences, in four dispatches of two kernels:
 //   ssd_mm MODE_CB      per (chunk, group): CB = C B^T, a (Q x d_state)(d_state x Q) product;
+//               beside it, per (chunk, head): dt = softplus(dt + dt_bias) clamped, the chunk's
+//               cumulative dA = cumsum(dt * A), each row's weight exp(dA_last - dA_r) dt_r in the
+//               chunk's own state, and the chunk's decay exp(dA_last) (chunk_dt);
 //   ssd_mm MODE_STATES  per (chunk, group): the chunk's own states of all the group's heads
 //               S[h, p, s] = sum_k exp(dA_last - dA_k) dt_k x_k[h, p] B_k[s];
 //   ssd_pass    per (sequence, head, p, s): the state entering each chunk, passed chunk to chunk
@@ -24,15 +24,15 @@ struct Params {
     q: u32,         // chunk size
     chunks: u32,
     seqs: u32,
-    count: u32,     // threads that do work (workgroups: ssd_dt, ssd_mm)
+    count: u32,     // threads that do work (ssd_pass) or tiles (ssd_mm)
     nsnaps: u32,
     d_hdim: u32,    // D per channel instead of per head
     has_lo: u32,
     has_hi: u32,
     dt_lo: f32,
     dt_hi: f32,
-    _pad0: u32,
-    _pad1: u32,
+    dt_groups: u32, // MODE_CB: the workgroups before the tiles, which compute dt
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -105,70 +105,9 @@ fn decay_or0(at: u32, ok: bool) -> f32 {
 }
 #endif
 
-// ssd_dt and ssd_pass (ssd_mm's modules leave them out: there decay and the states may be bound
-// read-only).
+// ssd_pass (ssd_mm's modules leave it out: there decay and the states may be bound read-only).
 #if THREADS
 #else
-// ssd_dt: a workgroup per (chunk, DT_HEADS heads). A serial scan over a chunk's rows is a chain of
-// dependent loads and exps, so each head's rows are cut into DT_SEGS segments, scanned by a thread
-// each, then offset by the sums of the segments before them.
-const DT_HEADS: u32 = 8u;
-const DT_SEGS: u32 = 32u;
-
-var<workgroup> seg_sums: array<f32, 256>;  // (segment, head)
-
-@compute @workgroup_size(256, 1, 1)
-fn ssd_dt(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_id) lid: vec3<u32>) {
-    let gid = wid.x + wid.y * nwg.x;
-    if (gid >= p.count) {
-        return;
-    }
-    let blocks = (p.nh + DT_HEADS - 1u) / DT_HEADS;
-    let c = gid / blocks;
-    // Consecutive threads on consecutive heads: they read a row's dt values together.
-    let hl = lid.x % DT_HEADS;
-    let h = (gid % blocks) * DT_HEADS + hl;
-    let seg = lid.x / DT_HEADS;
-    let r0 = u32(chunk_rows[c]);
-    let len = u32(chunk_rows[c + 1u]) - r0;
-    let per = (len + DT_SEGS - 1u) / DT_SEGS;
-    let lo = r0 + min(seg * per, len);
-    let hi = r0 + min(seg * per + per, len);
-    let live = h < p.nh;
-    var acc = 0.0;
-    if (live) {
-        let a = -exp(heads[p.nh + h]);
-        for (var r = lo; r < hi; r++) {
-            let d = dt_of(zxbcdt[r * p.dip + p.dt_col + h], h);
-            acc += d * a;
-            dt[r * p.nh + h] = d;
-            cum[r * p.nh + h] = acc;
-        }
-    }
-    seg_sums[lid.x] = acc;
-    workgroupBarrier();
-    // Summed in segment order, so that `total` is exactly the last row's dA.
-    var before = 0.0;
-    var total = 0.0;
-    for (var s = 0u; s < DT_SEGS; s++) {
-        let v = seg_sums[s * DT_HEADS + hl];
-        before += select(0.0, v, s < seg);
-        total += v;
-    }
-    if (!live) {
-        return;
-    }
-    for (var r = lo; r < hi; r++) {
-        let cm = cum[r * p.nh + h] + before;
-        cum[r * p.nh + h] = cm;
-        decay[r * p.nh + h] = exp(total - cm) * dt[r * p.nh + h];
-    }
-    if (seg == 0u) {
-        decay[(p.rows + c) * p.nh + h] = exp(total);
-    }
-}
-
 // Chunk c's own state at e (in units of S) and its decay; chunks past `last` read `last`'s.
 fn own_at(c: u32, last: u32, e: u32) -> S {
     return states[min(c, last) * (p.nh * p.hd * p.ds / W) + e];
@@ -598,6 +537,65 @@ fn store4(t: Tile, i: u32, j: u32, v: vec4<f32>) {
 }
 #endif
 
+#if MODE_CB
+// The chunks' dt, run by the first workgroups of the C B^T dispatch (which does not need it, so
+// that the two overlap): a workgroup per (chunk, DT_HEADS heads) computes dt = softplus(dt +
+// dt_bias) clamped, dA = cumsum(dt * A) over the chunk, each row's weight exp(dA_last - dA_r) dt_r
+// in the chunk's own state, and the chunk's decay exp(dA_last). A serial scan over a chunk's rows
+// is a chain of dependent loads and exps, so each head's rows are cut into DT_SEGS segments,
+// scanned by a thread each, then offset by the sums of the segments before them.
+const DT_SEGS: u32 = 32u;
+const DT_HEADS: u32 = TH / DT_SEGS;
+
+var<workgroup> seg_sums: array<f32, TH>;  // (segment, head)
+
+fn chunk_dt(gid: u32, th: u32) {
+    let blocks = (p.nh + DT_HEADS - 1u) / DT_HEADS;
+    let c = gid / blocks;
+    // Consecutive threads on consecutive heads: they read a row's dt values together.
+    let hl = th % DT_HEADS;
+    let h = (gid % blocks) * DT_HEADS + hl;
+    let seg = th / DT_HEADS;
+    let r0 = u32(chunk_rows[c]);
+    let len = u32(chunk_rows[c + 1u]) - r0;
+    let per = (len + DT_SEGS - 1u) / DT_SEGS;
+    let lo = r0 + min(seg * per, len);
+    let hi = r0 + min(seg * per + per, len);
+    let live = h < p.nh;
+    var acc = 0.0;
+    if (live) {
+        let a = -exp(heads[p.nh + h]);
+        for (var r = lo; r < hi; r++) {
+            let d = dt_of(zxbcdt[r * p.dip + p.dt_col + h], h);
+            acc += d * a;
+            dt[r * p.nh + h] = d;
+            cum[r * p.nh + h] = acc;
+        }
+    }
+    seg_sums[th] = acc;
+    workgroupBarrier();
+    // Summed in segment order, so that `total` is exactly the last row's dA.
+    var before = 0.0;
+    var total = 0.0;
+    for (var s = 0u; s < DT_SEGS; s++) {
+        let v = seg_sums[s * DT_HEADS + hl];
+        before += select(0.0, v, s < seg);
+        total += v;
+    }
+    if (!live) {
+        return;
+    }
+    for (var r = lo; r < hi; r++) {
+        let cm = cum[r * p.nh + h] + before;
+        cum[r * p.nh + h] = cm;
+        decay[r * p.nh + h] = exp(total - cm) * dt[r * p.nh + h];
+    }
+    if (seg == 0u) {
+        decay[(p.rows + c) * p.nh + h] = exp(total);
+    }
+}
+#endif
+
 // The thread's outputs: rows row_a.. and row_b.., four each, columns tx*4.. (tx = th % 16), as
 // one vec4 per row in registers (no private arrays: drivers spill those).
 struct Acc {
@@ -693,10 +691,20 @@ fn steps(t: Tile, phase: u32, th: u32, checked: bool, acc: ptr<function, Acc>) {
 fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>) {
     let gid = wid.x + wid.y * nwg.x;
-    if (gid >= p.count) {
+#if MODE_CB
+    // The first dt_groups workgroups compute the chunks' dt, the rest C B^T.
+    if (gid < p.dt_groups) {
+        chunk_dt(gid, lid.x);
         return;
     }
-    let t = tile_of(gid);
+    let tile = gid - p.dt_groups;
+#else
+    let tile = gid;
+#endif
+    if (tile >= p.count) {
+        return;
+    }
+    let t = tile_of(tile);
     if (idle(t)) {
         return;
     }

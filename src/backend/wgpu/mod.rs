@@ -27,12 +27,11 @@ const MAX_NORM_FACTORS: usize = 64;
 /// Rows per thread of conv.wgsl's conv_seq (its RB).
 const CONV_ROWS: usize = 8;
 /// ssd.wgsl's tiles: ssd_mm's threads per workgroup, the same for C B^T, the chunk states and the
-/// chunk outputs (half as many output rows, 64 columns), ssd_dt's heads per workgroup. H200, 2.7b
+/// chunk outputs (half as many output rows, 64 columns). H200, 2.7b
 /// 1x8192, 256 threads against 128: chunk outputs 1246, 1145 us (130m: 411, 380); C B^T 34.6,
 /// 32.6; the chunk states 382, 352 since their loads have no branches (before: 600, 634).
 const SSD_THREADS: usize = 128;
 const SSD_TJ: usize = 64;
-const SSD_DT_HEADS: usize = 8;
 /// Most workgroups along one dispatch dimension.
 const MAX_GROUPS: u32 = 65535;
 
@@ -1704,6 +1703,8 @@ impl Backend for Wgpu {
         let cb = self.buffer((chunks * ng * q * q * 4) as u64)?;
         let states = self.buffer((chunks * nh * hd * ds * 4) as u64)?;
         let lim = dt_limits(cfg);
+        // Workgroups of the C B^T dispatch that compute dt first (chunk_dt: 32 threads a head).
+        let dt_groups = chunks * nh.div_ceil(SSD_THREADS / 32);
         let params = |count: usize| -> Result<[u32; 20]> {
             Ok([
                 u(rows)?,
@@ -1724,7 +1725,7 @@ impl Backend for Wgpu {
                 lim[1],
                 lim[2],
                 lim[3],
-                0,
+                u(dt_groups)?,
                 0,
             ])
         };
@@ -1746,15 +1747,15 @@ impl Backend for Wgpu {
             (16, saved),
             (17, y.raw()),
         ];
-        // Workgroups of one entry point (ssd_dt, ssd_mm), each told the count.
-        let groups = |entry: &'static str, defines: &[(&str, u32)], n: usize, keep: &[u32]| {
+        // Workgroups of ssd_mm: `extra` (dt) before the n tiles, which the kernel is told.
+        let groups = |defines: &[(&str, u32)], extra: usize, n: usize, keep: &[u32]| {
             self.dispatch(
                 shader::SSD,
-                entry,
+                "ssd_mm",
                 defines,
                 &params(n)?,
                 &pick(&all, keep),
-                u(n)?,
+                u(extra + n)?,
             )
         };
         let th = u(SSD_THREADS)?;
@@ -1763,20 +1764,14 @@ impl Backend for Wgpu {
         // Whole vectors of four along the states' and the output's rows.
         let v4 = (hd % 4 == 0 && ds % 4 == 0) as u32;
         groups(
-            "ssd_dt",
-            &[],
-            chunks * nh.div_ceil(SSD_DT_HEADS),
-            &[1, 3, 4, 9, 11, 12],
-        )?;
-        groups(
-            "ssd_mm",
             &[("MODE_CB", 1), ("THREADS", th)],
+            dt_groups,
             chunks * ng * ti(q) * tj(q),
-            &[2, 9, 13],
+            &[1, 2, 3, 4, 9, 11, 12, 13],
         )?;
         groups(
-            "ssd_mm",
             &[("MODE_STATES", 1), ("THREADS", th), ("V4", v4)],
+            0,
             chunks * ng * ti(nh / ng * hd) * tj(ds),
             &[2, 4, 9, 14],
         )?;
@@ -1791,8 +1786,8 @@ impl Backend for Wgpu {
             groups_for(n)?,
         )?;
         groups(
-            "ssd_mm",
             &[("MODE_OUT", 1), ("THREADS", th), ("V4", v4)],
+            0,
             chunks * nh * ti(q) * tj(hd),
             &[2, 3, 9, 11, 12, 13, 14, 17],
         )
