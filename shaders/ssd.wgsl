@@ -319,7 +319,6 @@ fn fill(t: Tile, k0: u32, kn: u32, th: u32, checked: bool) {
         bt[kk * BROW + j / 4u][j % 4u] = xbc_or0(b_idx(t.r0 + k0 + kk, t.g, t.j0 + j), ok);
     }
 }
-
 #else
 // A's and B's elements per thread and step (8, and 4 or 8 with 256 or 128 threads).
 const NA: u32 = TI * WK / TH;
@@ -387,7 +386,8 @@ fn fetch(t: Tile, phase: u32, k0: u32, kn: u32, th: u32, checked: bool) -> Raw {
             if (phase == 0u) {
                 v = xbc[a_at + e * a_step];
             } else if (!checked || k <= ci) {
-                // Whole tiles read above the diagonal too (unwritten there): put drops it.
+                // Whole tiles read CB above the diagonal too (its diagonal tiles are whole):
+                // put drops it.
                 v = cb[a_at + e * a_step];
             }
 #else
@@ -453,7 +453,7 @@ fn put(t: Tile, phase: u32, k0: u32, kn: u32, th: u32, w: Raw, checked: bool) {
         }
 #if MODE_OUT
         // Phase 1: A = CB[i, k] exp(dA_i - dA_k) dt_k for k <= i, zero above (where the exp
-        // may overflow and CB was not written: the select drops what they give).
+        // may overflow: the select drops it).
         if (phase == 1u) {
             let ok = (!checked || (k < kn && t.i0 + i < t.len)) && k <= t.i0 + i;
             v = select(0.0, v * (exp(cum_i[i] - w.ck) * w.dk), ok);
