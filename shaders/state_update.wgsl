@@ -2,7 +2,10 @@
 // (request, head, WARPS x RPW rows p of the state); 32 lanes per row, each holding columns lane + 32 i
 // (d_state <= 256) in two vec4 registers, or (V4: d_state a multiple of 4, so that rows start on
 // whole vectors) columns 4 lane .. 4 lane + 3 and 128 + those, read and written as vectors (2.7b
-// on the H200: batch 64 136 to 133 us, batch 16 of 1+3 tokens 90 to 85); RPW rows per warp (big
+// on the H200: batch 64 136 to 133 us, batch 16 of 1+3 tokens 90 to 85), with no check of the
+// column where the lanes cover whole rows (WHOLE: d_state 128 or 256; the driver had put each
+// checked load of the read-write state in a branch region of its own: batch 64 99.5 to 94.6 us,
+// the load and store of the state alone take 88.5); RPW rows per warp (big
 // batches: more loads in flight, fewer workgroups, B and C loaded once for several rows). With
 // record[i] >= 0 the state after each token goes to the intermediates and the slot is kept.
 //
@@ -82,7 +85,7 @@ fn load4(buf: u32, base: u32, lane: u32, first: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
 #if V4
     let s0 = first + 4u * lane;
-    if (s0 < p.ds) {
+    if (WHOLE != 0u || s0 < p.ds) {
         if (buf == 0u) {
             v = vec4<f32>(xin(base + s0), xin(base + s0 + 1u), xin(base + s0 + 2u),
                           xin(base + s0 + 3u));
@@ -108,7 +111,7 @@ fn load4(buf: u32, base: u32, lane: u32, first: u32) -> vec4<f32> {
 fn store4(to_pool: bool, base: u32, lane: u32, first: u32, v: vec4<f32>) {
 #if V4
     let s0 = first + 4u * lane;
-    if (s0 < p.ds) {
+    if (WHOLE != 0u || s0 < p.ds) {
         if (to_pool) {
             pool[(base + s0) / 4u] = v;
         } else {

@@ -1066,6 +1066,7 @@ impl Inner {
                 ("WARPS", u(warps)?),
                 ("V4", (ds % 4 == 0) as u32),
                 ("WIDE", (ds > 128) as u32),
+                ("WHOLE", (ds % 128 == 0) as u32),
             ],
             &params,
             &binds,
