@@ -1297,12 +1297,12 @@ fn u(v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| err(format!("size {v} does not fit the shaders' 32-bit indices")))
 }
 
-/// Threads of `WG` per workgroup needed for `n` items.
 /// The defines of every conv.wgsl pipeline: the conv width and conv_seq's rows per thread.
 fn conv_defines(dc: usize) -> Result<[(&'static str, u32); 2]> {
     Ok([("DC", u(dc)?), ("RB", u(CONV_ROWS)?)])
 }
 
+/// Threads of `WG` per workgroup needed for `n` items.
 fn groups_for(n: usize) -> Result<u32> {
     u(n.div_ceil(WG as usize))
 }
