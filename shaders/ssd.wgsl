@@ -711,6 +711,8 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let full = is_full(t);
     let th = lid.x;
     let tx = th % 16u;  // columns tx*4..tx*4+3
+    let ra = row_a(th);
+    let rb = row_b(th);
 #if MODE_OUT
     if (th < TI) {
         var v = 0.0;
@@ -731,8 +733,6 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         steps(t, 0u, th, true, &acc);
     }
     // The inter-chunk term is exp(dA_i) (C_i . s_in): the factor once per output row.
-    let ra = row_a(th);
-    let rb = row_b(th);
     acc.c0 *= exp(cum_i[ra]);
     acc.c1 *= exp(cum_i[ra + 1u]);
     acc.c2 *= exp(cum_i[ra + 2u]);
@@ -753,15 +753,13 @@ fn ssd_mm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         steps(t, 0u, th, true, &acc);
     }
 #endif
-    let ia = row_a(th);
-    let ib = row_b(th);
-    store4(t, ia, tx * 4u, acc.c0);
-    store4(t, ia + 1u, tx * 4u, acc.c1);
-    store4(t, ia + 2u, tx * 4u, acc.c2);
-    store4(t, ia + 3u, tx * 4u, acc.c3);
-    store4(t, ib, tx * 4u, acc.c4);
-    store4(t, ib + 1u, tx * 4u, acc.c5);
-    store4(t, ib + 2u, tx * 4u, acc.c6);
-    store4(t, ib + 3u, tx * 4u, acc.c7);
+    store4(t, ra, tx * 4u, acc.c0);
+    store4(t, ra + 1u, tx * 4u, acc.c1);
+    store4(t, ra + 2u, tx * 4u, acc.c2);
+    store4(t, ra + 3u, tx * 4u, acc.c3);
+    store4(t, rb, tx * 4u, acc.c4);
+    store4(t, rb + 1u, tx * 4u, acc.c5);
+    store4(t, rb + 2u, tx * 4u, acc.c6);
+    store4(t, rb + 3u, tx * 4u, acc.c7);
 }
 #endif
