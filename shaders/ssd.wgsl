@@ -544,7 +544,7 @@ fn store4(t: Tile, i: u32, j: u32, v: vec4<f32>) {
 // in the chunk's own state, and the chunk's decay exp(dA_last). A serial scan over a chunk's rows
 // is a chain of dependent loads and exps, so each head's rows are cut into DT_SEGS segments,
 // scanned by a thread each, then offset by the sums of the segments before them.
-const DT_SEGS: u32 = 32u;
+// DT_SEGS: a define (the host counts the workgroups).
 const DT_HEADS: u32 = TH / DT_SEGS;
 
 var<workgroup> seg_sums: array<f32, TH>;  // (segment, head)

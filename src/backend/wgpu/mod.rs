@@ -27,11 +27,13 @@ const MAX_NORM_FACTORS: usize = 64;
 /// Rows per thread of conv.wgsl's conv_seq (its RB).
 const CONV_ROWS: usize = 8;
 /// ssd.wgsl's tiles: ssd_mm's threads per workgroup, the same for C B^T, the chunk states and the
-/// chunk outputs (half as many output rows, 64 columns). H200, 2.7b
-/// 1x8192, 256 threads against 128: chunk outputs 1246, 1145 us (130m: 411, 380); C B^T 34.6,
-/// 32.6; the chunk states 382, 352 since their loads have no branches (before: 600, 634).
+/// chunk outputs (half as many output rows, 64 columns). H200, 2.7b 1x8192, 256 threads against
+/// 128: chunk outputs 1246, 1145 us (130m: 411, 380); C B^T 34.6, 32.6; the chunk states 382, 352
+/// since their loads have no branches (before: 600, 634).
 const SSD_THREADS: usize = 128;
 const SSD_TJ: usize = 64;
+/// Threads per head of chunk_dt (dt's segments of a chunk), in the C B^T dispatch.
+const SSD_DT_SEGS: usize = 32;
 /// Most workgroups along one dispatch dimension.
 const MAX_GROUPS: u32 = 65535;
 
@@ -1704,8 +1706,8 @@ impl Backend for Wgpu {
         let cb = self.buffer((chunks * ng * q * q * 4) as u64)?;
         let states = self.buffer((chunks * nh * hd * ds * 4) as u64)?;
         let lim = dt_limits(cfg);
-        // Workgroups of the C B^T dispatch that compute dt first (chunk_dt: 32 threads a head).
-        let dt_groups = chunks * nh.div_ceil(SSD_THREADS / 32);
+        // Workgroups of the C B^T dispatch that compute dt first.
+        let dt_groups = chunks * nh.div_ceil(SSD_THREADS / SSD_DT_SEGS);
         let params = |count: usize| -> Result<[u32; 20]> {
             Ok([
                 u(rows)?,
@@ -1765,7 +1767,11 @@ impl Backend for Wgpu {
         // Whole vectors of four along the states' and the output's rows.
         let v4 = (hd % 4 == 0 && ds % 4 == 0) as u32;
         groups(
-            &[("MODE_CB", 1), ("THREADS", th)],
+            &[
+                ("MODE_CB", 1),
+                ("THREADS", th),
+                ("DT_SEGS", u(SSD_DT_SEGS)?),
+            ],
             dt_groups,
             chunks * ng * ti(q) * tj(q),
             &[1, 2, 3, 4, 9, 11, 12, 13],
