@@ -302,10 +302,21 @@ fn store_c(c: Acc, at: u32) {
 // 2.30 (fewer workgroups per multiprocessor); the next step's loads issued before the products,
 // no faster; the matrices loaded straight from memory instead of workgroup memory, 5.7 ms; k in
 // steps of 16 or 64, 1.85 and 2.10 ms.
+//
+// NARROW (x of one row tile: decode batches, whose products are split over k): 2x4 subgroups of
+// 32x32, three k steps loaded at once (H200, 2.7b batch 64: in_proj 54.2 -> 44.4 us, out_proj
+// 36.0 -> 29.5; 2x4 subgroups loading one step at a time, 52.1 and 34.6; two steps, 45.8 and
+// 30.8). The loads bound these products: the driver puts all of a thread's loads on one
+// scoreboard and waits for all of them at the first use, so a round trip to memory is paid per
+// batch of loads (register prefetch of the next step gained nothing), and only registers grow
+// the batch: 32x32 blocks free them from the accumulators (120 with three steps, so two
+// workgroups of 256 threads a multiprocessor; four steps would leave one).
 const WR: u32 = 2u;
-const WC: u32 = 2u;  // (TR = 32 WR)
+const WC: u32 = 2u + 2u * NARROW;  // (TR = 32 WR)
 const THREADS: u32 = SG * WR * WC;
-const TC: u32 = 64u * WC;
+// Columns of a subgroup's block.
+const SW: u32 = 64u / (1u + NARROW);
+const TC: u32 = SW * WC;
 const LD: u32 = 40u;
 // Rows of a step that the threads move at once: 8 vectors of 4 f16 each.
 const STRIDE: u32 = THREADS / 8u;
@@ -319,8 +330,11 @@ var<workgroup> wb: array<vec4<f16>, TC * LV>;
 // with 28 KB or more the products ran 1.5x slower on the H200 (2.7b batch 64, in_proj 57.5 ->
 // 84.3 us with 8 or 12 KB declared beside the staging's 20; 3 workgroups a multiprocessor no
 // longer fit the driver's share of workgroup memory, it seems), which sank several designs
-// before (k steps of 64, tiles of 256 columns, double-buffered staging).
-var<workgroup> staged: array<vec4<f32>, 64u * WR * WC>;
+// before (k steps of 64, tiles of 256 columns, double-buffered staging). Not only three: NARROW
+// with room for all eight subgroups (28 KB, two workgroups a multiprocessor) took in_proj from
+// 45.8 to 63.6 us. So NARROW's eight subgroups take turns.
+const OUT_SGS: u32 = 4u;
+var<workgroup> staged: array<vec4<f32>, 64u * OUT_SGS>;
 
 #if DIRECT
 // One accumulator (rows r0.., columns j0..) of a split-K partial, stored as it is: rows padded
@@ -328,36 +342,106 @@ var<workgroup> staged: array<vec4<f32>, 64u * WR * WC>;
 // workgroup memory so that whole 16-byte vectors go out, 4 lanes to a row (the accumulator's
 // own stores to memory were 4-byte and half a sector each: H200, 2.7b batch 64, in_proj 57.5 ->
 // 54.5 us, out_proj 39.3 -> 36.9; the epilogue alone 8.3 -> 2.3).
-fn emit(c: Acc, sg: u32, lane: u32, r0: u32, j0: u32, at: u32) {
-    store_c(c, sg * 64u);
-    workgroupBarrier();
+fn emit_one(base: u32, lane: u32, r0: u32, j0: u32, at: u32) {
     for (var m = 0u; m < 64u / SG; m++) {
         let e = lane + m * SG;
-        out[(at + (r0 + e / 4u) * p.np + j0) / 4u + e % 4u] = staged[sg * 64u + e];
+        out[(at + (r0 + e / 4u) * p.np + j0) / 4u + e % 4u] = staged[base + e];
     }
-    workgroupBarrier();
 }
 #else
 // One accumulator (rows r0.., columns j0..) out through workgroup memory: the lane's 256 / SG of
 // its 256 values, divided by the row scale, plus the bias.
-fn emit(c: Acc, sg: u32, lane: u32, r0: u32, j0: u32, at: u32) {
-    store_c(c, sg * 64u);
-    workgroupBarrier();
+fn emit_one(base: u32, lane: u32, r0: u32, j0: u32, at: u32) {
     for (var m = 0u; m < 256u / SG; m++) {
         let e = lane + m * SG;
         let r = r0 + e / 16u;
         let j = j0 + e % 16u;
         if (r < p.rows && j < p.n) {
-            var o = staged[sg * 64u + e / 4u][e % 4u] / scale[r];
+            var o = staged[base + e / 4u][e % 4u] / scale[r];
             if (p.has_bias != 0u) {
                 o += bias[j];
             }
             out[at + r * p.n + j] = o;
         }
     }
+}
+#endif
+
+#if NARROW
+// The subgroups' accumulators out in turns of OUT_SGS.
+fn emit(c: Acc, sg: u32, lane: u32, r0: u32, j0: u32, at: u32) {
+    for (var turn = 0u; turn < WR * WC / OUT_SGS; turn++) {
+        let mine = sg / OUT_SGS == turn;
+        let base = (sg % OUT_SGS) * 64u;
+        if (mine) {
+            store_c(c, base);
+        }
+        workgroupBarrier();
+        if (mine) {
+            emit_one(base, lane, r0, j0, at);
+        }
+        workgroupBarrier();
+    }
+}
+
+// A subgroup's 32x32 block.
+struct Block {
+    c00: Acc,
+    c01: Acc,
+    c10: Acc,
+    c11: Acc,
+}
+
+// The thread's share of k step k: x's parts, then the weights.
+fn fetch(k: u32, xb: u32, j0: u32, kv: u32, row: u32, c: u32) -> array<vec4<f16>, LOADS> {
+    var v: array<vec4<f16>, LOADS>;
+    let xv = (xb + k / KS) * 2u * TR * (KS / 4u) + c;
+    for (var i = 0u; i < 2u * TR / STRIDE; i++) {
+        v[i] = parts[xv + (row + STRIDE * i) * (KS / 4u)];
+    }
+    for (var i = 0u; i < TC / STRIDE; i++) {
+        v[2u * TR / STRIDE + i] = w[(j0 + row + STRIDE * i) * kv + k / 4u + c];
+    }
+    return v;
+}
+
+// One k step through workgroup memory (once the previous step's reads are done) into a
+// subgroup's block at rows sa, columns sb of the tile.
+fn staged_step(a: Block, v: array<vec4<f16>, LOADS>, row: u32, c: u32, sa: u32, sb: u32) -> Block {
+    workgroupBarrier();
+    for (var i = 0u; i < 2u * TR / STRIDE; i++) {
+        xa[(row + STRIDE * i) * LV + c] = v[i];
+    }
+    for (var i = 0u; i < TC / STRIDE; i++) {
+        wb[(row + STRIDE * i) * LV + c] = v[2u * TR / STRIDE + i];
+    }
+    workgroupBarrier();
+    var o = a;
+    for (var ks = 0u; ks < KS; ks += 16u) {
+        let h0 = load_a(sa * LD + ks);
+        let h1 = load_a((sa + 16u) * LD + ks);
+        let l0 = load_a((TR + sa) * LD + ks);
+        let l1 = load_a((TR + sa + 16u) * LD + ks);
+        let b0 = load_b(sb * LD + ks);
+        let b1 = load_b((sb + 16u) * LD + ks);
+        o.c00 = madd(l0, b0, madd(h0, b0, o.c00));
+        o.c01 = madd(l0, b1, madd(h0, b1, o.c01));
+        o.c10 = madd(l1, b0, madd(h1, b0, o.c10));
+        o.c11 = madd(l1, b1, madd(h1, b1, o.c11));
+    }
+    return o;
+}
+#else
+fn emit(c: Acc, sg: u32, lane: u32, r0: u32, j0: u32, at: u32) {
+    store_c(c, sg * 64u);
+    workgroupBarrier();
+    emit_one(sg * 64u, lane, r0, j0, at);
     workgroupBarrier();
 }
 #endif
+// Vectors a thread loads for one k step; NARROW loads STEPS k steps at once (v0, v1, v2).
+const LOADS: u32 = (2u * TR + TC) / STRIDE;
+const STEPS: u32 = 3u;
 
 @compute @workgroup_size(THREADS, 1, 1)
 fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -373,20 +457,12 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let j0 = (g % p.tiles_n) * TC;
     // The subgroup's block within the tile.
     let sa = (sg / WC) * 32u;
-    let sb = (sg % WC) * 64u;
+    let sb = (sg % WC) * SW;
     let k_start = split * p.k_per;
     let k_end = min(p.k, k_start + p.k_per);
     // Weight vectors per row; x's first block of the row tile.
     let kv = p.k / 4u;
     let xb = (r0 / TR) * (p.k / KS);
-    var c00 = Acc();
-    var c01 = Acc();
-    var c02 = Acc();
-    var c03 = Acc();
-    var c10 = Acc();
-    var c11 = Acc();
-    var c12 = Acc();
-    var c13 = Acc();
     // Each thread moves vector c of rows `row` + STRIDE i of each step. Eight threads fill a
     // row; the two eights of a half-warp take rows four apart (4 LD values: 64 bytes apart in the
     // banks), which store without bank conflicts where adjacent rows (LD apart) would collide.
@@ -397,6 +473,31 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         row = eight / 8u * 8u + eight % 4u / 2u + eight / 4u % 2u * 2u + eight % 2u * 4u;
     }
     let c = lid.x % 8u;
+#if NARROW
+    var acc = Block(Acc(), Acc(), Acc(), Acc());
+    for (var k = k_start; k < k_end; k += STEPS * KS) {
+        // STEPS k steps loaded at once, all unconditionally (past the end, the first again): a
+        // branch would end one step's loads before the next one's start.
+        let v0 = fetch(k, xb, j0, kv, row, c);
+        let v1 = fetch(select(k, k + KS, k + KS < k_end), xb, j0, kv, row, c);
+        let v2 = fetch(select(k, k + 2u * KS, k + 2u * KS < k_end), xb, j0, kv, row, c);
+        acc = staged_step(acc, v0, row, c, sa, sb);
+        if (k + KS < k_end) {
+            acc = staged_step(acc, v1, row, c, sa, sb);
+        }
+        if (k + 2u * KS < k_end) {
+            acc = staged_step(acc, v2, row, c, sa, sb);
+        }
+    }
+#else
+    var c00 = Acc();
+    var c01 = Acc();
+    var c02 = Acc();
+    var c03 = Acc();
+    var c10 = Acc();
+    var c11 = Acc();
+    var c12 = Acc();
+    var c13 = Acc();
     for (var k = k_start; k < k_end; k += KS) {
         let v = k / 4u + c;
         let xv = (xb + k / KS) * 2u * TR * (KS / 4u) + c;
@@ -435,6 +536,7 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             c13 = madd(l1, b3, c13);
         }
     }
+#endif
     let at = split * padded_rows() * p.np;
 #if DIRECT
     // The row scales after the partials, for the summing pass (one binding fewer there).
@@ -448,6 +550,12 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 #endif
     let rr = r0 + sa;
     let cc = j0 + sb;
+#if NARROW
+    emit(acc.c00, sg, lane, rr, cc, at);
+    emit(acc.c01, sg, lane, rr, cc + 16u, at);
+    emit(acc.c10, sg, lane, rr + 16u, cc, at);
+    emit(acc.c11, sg, lane, rr + 16u, cc + 16u, at);
+#else
     emit(c00, sg, lane, rr, cc, at);
     emit(c01, sg, lane, rr, cc + 16u, at);
     emit(c02, sg, lane, rr, cc + 32u, at);
@@ -456,5 +564,6 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     emit(c11, sg, lane, rr + 16u, cc + 16u, at);
     emit(c12, sg, lane, rr + 16u, cc + 32u, at);
     emit(c13, sg, lane, rr + 16u, cc + 48u, at);
+#endif
 }
 #endif
