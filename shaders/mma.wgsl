@@ -294,54 +294,46 @@ fn store_c(c: Acc, at: u32) {
 }
 #endif
 
-// A workgroup is WR x WC subgroups of SG lanes (32 on NVIDIA), each 32 rows x 64 columns (2x4
-// matrices of 16x16): tiles of TR x TC outputs, k in steps of 32 through workgroup memory (x's hi
-// rows, then its lo rows, and the weight rows, each padded from 32 values to 40 against bank
-// conflicts). Measured on the
-// H200 (prefill 1x2048 of the 2.7b layer): 2x2 subgroups 1.86 ms of products; 4x2 2.24 and 2x4
-// 2.30 (fewer workgroups per multiprocessor); the next step's loads issued before the products,
-// no faster; the matrices loaded straight from memory instead of workgroup memory, 5.7 ms; k in
-// steps of 16 or 64, 1.85 and 2.10 ms.
-//
-// NARROW (x of one row tile: decode batches, whose products are split over k): 2x4 subgroups of
-// 32x32, three k steps loaded at once (H200, 2.7b batch 64: in_proj 54.2 -> 44.4 us, out_proj
-// 36.0 -> 29.5; 2x4 subgroups loading one step at a time, 52.1 and 34.6; two steps, 45.8 and
-// 30.8). The loads bound these products: the driver puts all of a thread's loads on one
-// scoreboard and waits for all of them at the first use, so a round trip to memory is paid per
-// batch of loads (register prefetch of the next step gained nothing), and only registers grow
-// the batch: 32x32 blocks free them from the accumulators (120 with three steps, so two
-// workgroups of 256 threads a multiprocessor; four steps would leave one).
+// A workgroup is WR x WC subgroups of SG lanes (32 on NVIDIA), each a block of 32 rows x 32 columns
+// (2x2 matrices of 16x16): tiles of TR x TC outputs, k in steps of 32 through workgroup memory (x's
+// hi rows, then its lo rows, and the weight rows, each padded from 32 values to 40 against bank
+// conflicts), STEPS steps loaded at once. The loads bound these products: NVIDIA's driver puts all
+// of a thread's loads on one scoreboard and waits for all of them at their first use, so each round
+// trip to memory is paid per batch of loads (register prefetch of the next step gained nothing),
+// and only registers grow the batch; blocks of 32x32 leave room for three steps (120 registers, two
+// workgroups of 256 threads a multiprocessor; a fourth step would leave one). H200, 2.7b, against
+// 2x2 subgroups of 32x64 loading one step at a time: batch 64 in_proj 54.2 -> 44.4 us, out_proj
+// 36.0 -> 29.5; prefill 2048 1132 -> 956 and 578 -> 468 (BENCHMARKS.md, sixth session).
 const WR: u32 = 2u;
-const WC: u32 = 2u + 2u * NARROW;  // (TR = 32 WR)
+const WC: u32 = 4u;  // (TR = 32 WR)
 const THREADS: u32 = SG * WR * WC;
-// Columns of a subgroup's block.
-const SW: u32 = 64u / (1u + NARROW);
-const TC: u32 = SW * WC;
+const TC: u32 = 32u * WC;
 const LD: u32 = 40u;
 // Rows of a step that the threads move at once: 8 vectors of 4 f16 each.
 const STRIDE: u32 = THREADS / 8u;
+// Vectors a thread loads for one k step; k steps loaded at once (v0, v1, v2 in `mma`).
+const LOADS: u32 = (2u * TR + TC) / STRIDE;
+const STEPS: u32 = 3u;
 
 // Vectors of 4 f16, so that staging stores 4 values at once (the matrices' loads count their
 // strides in vectors: LV of them to a row).
 const LV: u32 = LD / 4u;
 var<workgroup> xa: array<vec4<f16>, 2u * TR * LV>;
 var<workgroup> wb: array<vec4<f16>, TC * LV>;
-// Per subgroup, one accumulator at a time on its way out. The workgroup memory stays at 24 KB:
-// with 28 KB or more the products ran 1.5x slower on the H200 (2.7b batch 64, in_proj 57.5 ->
-// 84.3 us with 8 or 12 KB declared beside the staging's 20; 3 workgroups a multiprocessor no
-// longer fit the driver's share of workgroup memory, it seems), which sank several designs
-// before (k steps of 64, tiles of 256 columns, double-buffered staging). Not only three: NARROW
-// with room for all eight subgroups (28 KB, two workgroups a multiprocessor) took in_proj from
-// 45.8 to 63.6 us. So NARROW's eight subgroups take turns.
+// Accumulators on their way out, one per subgroup of OUT_SGS at a time (the eight subgroups take
+// turns). The workgroup memory stays at 24 KB: with room for all eight (28 KB) in_proj took 63.6
+// us instead of 45.8 (H200, 2.7b batch 64), although two workgroups a multiprocessor fit either
+// way; 28 or 32 KB had sunk earlier designs the same way (k steps of 64, tiles of 256 columns,
+// double-buffered staging).
 const OUT_SGS: u32 = 4u;
 var<workgroup> staged: array<vec4<f32>, 64u * OUT_SGS>;
 
 #if DIRECT
-// One accumulator (rows r0.., columns j0..) of a split-K partial, stored as it is: rows padded
-// to whole tiles, p.np values to a row, the row scales divided out by the summing pass. Through
-// workgroup memory so that whole 16-byte vectors go out, 4 lanes to a row (the accumulator's
-// own stores to memory were 4-byte and half a sector each: H200, 2.7b batch 64, in_proj 57.5 ->
-// 54.5 us, out_proj 39.3 -> 36.9; the epilogue alone 8.3 -> 2.3).
+// One accumulator (rows r0.., columns j0..) of a split-K partial from `staged`, stored as it is:
+// rows padded to whole tiles, p.np values to a row, the row scales divided out by the summing
+// pass. Through workgroup memory so that whole 16-byte vectors go out, 4 lanes to a row (the
+// accumulator's own stores to memory were 4-byte and half a sector each: H200, 2.7b batch 64,
+// in_proj 57.5 -> 54.5 us, out_proj 39.3 -> 36.9; the epilogue alone 8.3 -> 2.3).
 fn emit_one(base: u32, lane: u32, r0: u32, j0: u32, at: u32) {
     for (var m = 0u; m < 64u / SG; m++) {
         let e = lane + m * SG;
@@ -349,8 +341,8 @@ fn emit_one(base: u32, lane: u32, r0: u32, j0: u32, at: u32) {
     }
 }
 #else
-// One accumulator (rows r0.., columns j0..) out through workgroup memory: the lane's 256 / SG of
-// its 256 values, divided by the row scale, plus the bias.
+// One accumulator (rows r0.., columns j0..) from `staged`: the lane's 256 / SG of its 256 values,
+// divided by the row scale, plus the bias.
 fn emit_one(base: u32, lane: u32, r0: u32, j0: u32, at: u32) {
     for (var m = 0u; m < 256u / SG; m++) {
         let e = lane + m * SG;
@@ -367,8 +359,7 @@ fn emit_one(base: u32, lane: u32, r0: u32, j0: u32, at: u32) {
 }
 #endif
 
-#if NARROW
-// The subgroups' accumulators out in turns of OUT_SGS.
+// Every subgroup's accumulator c (rows r0.., columns j0..) out, in turns of OUT_SGS subgroups.
 fn emit(c: Acc, sg: u32, lane: u32, r0: u32, j0: u32, at: u32) {
     for (var turn = 0u; turn < WR * WC / OUT_SGS; turn++) {
         let mine = sg / OUT_SGS == turn;
@@ -431,17 +422,6 @@ fn staged_step(a: Block, v: array<vec4<f16>, LOADS>, row: u32, c: u32, sa: u32, 
     }
     return o;
 }
-#else
-fn emit(c: Acc, sg: u32, lane: u32, r0: u32, j0: u32, at: u32) {
-    store_c(c, sg * 64u);
-    workgroupBarrier();
-    emit_one(sg * 64u, lane, r0, j0, at);
-    workgroupBarrier();
-}
-#endif
-// Vectors a thread loads for one k step; NARROW loads STEPS k steps at once (v0, v1, v2).
-const LOADS: u32 = (2u * TR + TC) / STRIDE;
-const STEPS: u32 = 3u;
 
 @compute @workgroup_size(THREADS, 1, 1)
 fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -457,7 +437,7 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let j0 = (g % p.tiles_n) * TC;
     // The subgroup's block within the tile.
     let sa = (sg / WC) * 32u;
-    let sb = (sg % WC) * SW;
+    let sb = (sg % WC) * 32u;
     let k_start = split * p.k_per;
     let k_end = min(p.k, k_start + p.k_per);
     // Weight vectors per row; x's first block of the row tile.
@@ -473,7 +453,6 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         row = eight / 8u * 8u + eight % 4u / 2u + eight / 4u % 2u * 2u + eight % 2u * 4u;
     }
     let c = lid.x % 8u;
-#if NARROW
     var acc = Block(Acc(), Acc(), Acc(), Acc());
     for (var k = k_start; k < k_end; k += STEPS * KS) {
         // STEPS k steps loaded at once, all unconditionally (past the end, the first again): a
@@ -489,54 +468,6 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             acc = staged_step(acc, v2, row, c, sa, sb);
         }
     }
-#else
-    var c00 = Acc();
-    var c01 = Acc();
-    var c02 = Acc();
-    var c03 = Acc();
-    var c10 = Acc();
-    var c11 = Acc();
-    var c12 = Acc();
-    var c13 = Acc();
-    for (var k = k_start; k < k_end; k += KS) {
-        let v = k / 4u + c;
-        let xv = (xb + k / KS) * 2u * TR * (KS / 4u) + c;
-        workgroupBarrier();
-        for (var i = 0u; i < 2u * TR / STRIDE; i++) {
-            xa[(row + STRIDE * i) * LV + c] = parts[xv + (row + STRIDE * i) * (KS / 4u)];
-        }
-        for (var i = 0u; i < TC / STRIDE; i++) {
-            wb[(row + STRIDE * i) * LV + c] = w[(j0 + row + STRIDE * i) * kv + v];
-        }
-        workgroupBarrier();
-        for (var ks = 0u; ks < KS; ks += 16u) {
-            let h0 = load_a(sa * LD + ks);
-            let h1 = load_a((sa + 16u) * LD + ks);
-            let l0 = load_a((TR + sa) * LD + ks);
-            let l1 = load_a((TR + sa + 16u) * LD + ks);
-            let b0 = load_b(sb * LD + ks);
-            let b1 = load_b((sb + 16u) * LD + ks);
-            let b2 = load_b((sb + 32u) * LD + ks);
-            let b3 = load_b((sb + 48u) * LD + ks);
-            c00 = madd(h0, b0, c00);
-            c01 = madd(h0, b1, c01);
-            c02 = madd(h0, b2, c02);
-            c03 = madd(h0, b3, c03);
-            c10 = madd(h1, b0, c10);
-            c11 = madd(h1, b1, c11);
-            c12 = madd(h1, b2, c12);
-            c13 = madd(h1, b3, c13);
-            c00 = madd(l0, b0, c00);
-            c01 = madd(l0, b1, c01);
-            c02 = madd(l0, b2, c02);
-            c03 = madd(l0, b3, c03);
-            c10 = madd(l1, b0, c10);
-            c11 = madd(l1, b1, c11);
-            c12 = madd(l1, b2, c12);
-            c13 = madd(l1, b3, c13);
-        }
-    }
-#endif
     let at = split * padded_rows() * p.np;
 #if DIRECT
     // The row scales after the partials, for the summing pass (one binding fewer there).
@@ -550,20 +481,9 @@ fn mma(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 #endif
     let rr = r0 + sa;
     let cc = j0 + sb;
-#if NARROW
     emit(acc.c00, sg, lane, rr, cc, at);
     emit(acc.c01, sg, lane, rr, cc + 16u, at);
     emit(acc.c10, sg, lane, rr + 16u, cc, at);
     emit(acc.c11, sg, lane, rr + 16u, cc + 16u, at);
-#else
-    emit(c00, sg, lane, rr, cc, at);
-    emit(c01, sg, lane, rr, cc + 16u, at);
-    emit(c02, sg, lane, rr, cc + 32u, at);
-    emit(c03, sg, lane, rr, cc + 48u, at);
-    emit(c10, sg, lane, rr + 16u, cc, at);
-    emit(c11, sg, lane, rr + 16u, cc + 16u, at);
-    emit(c12, sg, lane, rr + 16u, cc + 32u, at);
-    emit(c13, sg, lane, rr + 16u, cc + 48u, at);
-#endif
 }
 #endif

@@ -823,8 +823,6 @@ impl Inner {
         let tiles_n = w.n.div_ceil(MMA_COLS);
         let tiles = padded / MMA_ROWS * tiles_n;
         let (splits, k_per) = split_k(tiles, kp, MMA_K, 256);
-        // x of one row tile (decode batches): mma.wgsl's NARROW tiles.
-        let narrow = padded == MMA_ROWS;
         let bias = bias.filter(|_| out.is_some());
         let groups = tiles * splits;
         // Partials hold whole tiles: padded rows, columns of whole tiles.
@@ -862,7 +860,6 @@ impl Inner {
                 ("F8", self.coop_f8 as u32),
                 ("SG", self.subgroup),
                 ("DIRECT", scratch.is_some() as u32),
-                ("NARROW", narrow as u32),
             ],
             &params,
             &binds,

@@ -86,16 +86,14 @@ mod tests {
     fn the_cooperative_matrix_kernels_compile() {
         use wgpu::naga;
         let cases = [
-            (0, 0, 0, 32, 0, 0),
-            (0, 0, 0, 32, 1, 0),
-            (0, 0, 0, 32, 0, 1),
-            (0, 0, 0, 32, 1, 1),
-            (0, 0, 1, 8, 0, 0),
-            (0, 0, 1, 8, 1, 1),
-            (1, 0, 0, 0, 0, 0),
-            (1, 1, 0, 0, 0, 0),
+            (0, 0, 0, 32, 0),
+            (0, 0, 0, 32, 1),
+            (0, 0, 1, 8, 0),
+            (0, 0, 1, 8, 1),
+            (1, 0, 0, 0, 0),
+            (1, 1, 0, 0, 0),
         ];
-        for (split, gate, f8, sg, direct, narrow) in cases {
+        for (split, gate, f8, sg, direct) in cases {
             let defines = [
                 ("SPLIT", split),
                 ("GATE", gate),
@@ -103,7 +101,6 @@ mod tests {
                 ("F8", f8),
                 ("SG", sg),
                 ("DIRECT", direct),
-                ("NARROW", narrow),
                 ("ST", 256),
                 ("NV", 3),
             ];
