@@ -318,10 +318,15 @@ impl Wgpu {
         } else {
             0
         };
+        // mma.wgsl's workgroup: 2x4 subgroups.
+        let mma_threads = 8 * subgroup;
+        let adapter_limits = adapter.limits();
         let coop = opts.use_coop
             && features.contains(wgpu::Features::SHADER_F16)
             && features.contains(wgpu::Features::SUBGROUP)
             && [8, 16, 32, 64].contains(&subgroup)
+            && mma_threads <= adapter_limits.max_compute_invocations_per_workgroup
+            && mma_threads <= adapter_limits.max_compute_workgroup_size_x
             && have.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
             && (f16_into_f32(16) || f16_into_f32(8));
         if coop {
@@ -329,7 +334,7 @@ impl Wgpu {
         }
         // Everything the adapter offers, but no more storage buffers per shader than WebGPU
         // guarantees everywhere (8), so that a native run catches a kernel that browsers refuse.
-        let mut limits = adapter.limits();
+        let mut limits = adapter_limits;
         limits.max_storage_buffers_per_shader_stage =
             limits.max_storage_buffers_per_shader_stage.min(8);
         let (device, queue) = adapter
