@@ -153,8 +153,9 @@ const MMA_K: usize = 32;
 
 /// Split-K (splits, k per split) for tiled products whose tiles alone are too few workgroups to
 /// fill a big GPU (decode batches): about `target` workgroups, each over at least 256 of k, in
-/// whole steps of `step`. mma.wgsl's target is 256 (2.7b batch 64 on the H200: in_proj 62 us in 3
-/// splits, 75 in 6, 123 in 1; out_proj 41 us in 12 splits, 57 in 20, 49 in 9).
+/// whole steps of `step`. mma.wgsl's target is 256, two of its workgroups a multiprocessor on the
+/// H200 (2.7b batch 64, back to back: 173.7 us; aimed at 192 / 384 / 512 with two k steps a load,
+/// 211.6 / 213.7 / 200.6 against 179.3; BENCHMARKS.md, sixth session).
 fn split_k(tiles: usize, k: usize, step: usize, target: usize) -> (usize, usize) {
     let splits = (target / tiles.max(1)).clamp(1, (k / 256).max(1));
     let k_per = k.div_ceil(splits).next_multiple_of(step).max(step);
